@@ -1,0 +1,103 @@
+"""python -m dafl <command>.
+
+  fit        train (teacher, student, or data-free distillation), by LightningCLI config;
+             with no --config it runs configs/default.yaml (data-free, shipped teacher)
+  validate   / test: LightningCLI's, same configs
+  export     export a trained student (safetensors, ONNX, .pt2, model card)
+  models     list registered architectures
+  datasets   list registered datasets and whether they are installed
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from dafl.errors import ConfigError
+
+DEFAULT_CONFIG = "configs/default.yaml"
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+
+def _quiet():
+    # Noise that says nothing to a user of a CPU run with in-memory data.
+    for pattern in (".*does not have many workers.*", ".*GPU available but not used.*", ".*LeafSpec.*",
+                    ".*Checkpoint directory .* exists and is not empty.*", ".*TensorBoard.*",
+                    ".*Experiment logs directory .* exists.*", ".*is deprecated.*"):
+        warnings.filterwarnings("ignore", pattern)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def export_main(args: list[str]) -> None:
+    from dafl.export import export_classifier, read_checkpoint
+
+    parser = argparse.ArgumentParser(prog="python -m dafl export",
+                                     description="Export a student (or any classifier) trained by `dafl fit`.")
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint, or a run folder (uses checkpoints/last.ckpt)")
+    parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument("--formats", default="safetensors,onnx,pt2", help="comma-separated subset of the default")
+    opts = parser.parse_args(args)
+    formats = tuple(f.strip() for f in opts.formats.split(",") if f.strip())
+    unknown = set(formats) - {"safetensors", "onnx", "pt2"}
+    if unknown or not formats:
+        raise ConfigError(f"unknown export format(s) {sorted(unknown)}; use safetensors, onnx, pt2")
+    meta, state, hparams = read_checkpoint(opts.ckpt)
+    out = export_classifier(meta, state, opts.out, formats=formats)
+    print(f"Exported {meta['arch']} ({meta['kind']}) to {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
+
+
+def models_main(args: list[str]) -> None:
+    from dafl.models import build_model, classifier_names, count_parameters
+
+    for name in classifier_names():
+        channels = 3 if name.startswith("resnet") else 1
+        print(f"{name:16s} {count_parameters(build_model(name, in_channels=channels)):>12,} parameters"
+              f" ({channels} channel(s), 10 classes)")
+    print(f"{'generator':16s} {count_parameters(build_model('generator')):>12,} parameters (latent 100, width 128)")
+
+
+def datasets_main(args: list[str]) -> None:
+    from dafl.datasets import INFOS, load_split
+
+    for name, info in sorted(INFOS.items()):
+        try:
+            split = load_split(name, "test")
+            status = f"installed ({len(split.labels):,} test images)"
+        except ConfigError as e:
+            status = f"not available: {e}"
+        print(f"{name:14s} {info.channels}x{info.size}x{info.size}  {status}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    command, rest = argv[0], argv[1:]
+    _quiet()
+    try:
+        if command in LIGHTNING_COMMANDS:
+            from dafl.cli import run_lightning_cli
+            from dafl.weights import resolve
+
+            if command == "fit" and not any(a == "-c" or a.startswith("--config") for a in rest):
+                rest = ["--config", str(resolve(DEFAULT_CONFIG)), *rest]
+            run_lightning_cli([command, *rest])
+        elif command == "export":
+            export_main(rest)
+        elif command == "models":
+            models_main(rest)
+        elif command == "datasets":
+            datasets_main(rest)
+        else:
+            print(f"dafl: error: unknown command {command!r}\n\n{__doc__.strip()}", file=sys.stderr)
+            return 2
+    except (ConfigError, FloatingPointError) as e:
+        print(f"dafl: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""`python -m dafl fit|validate|test`: LightningCLI over the registered modules, with a
+run folder per experiment (checkpoints, logs, samples, export), overwrite protection,
+a real-data test of the last-epoch model and an automatic export at the end."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from dafl.callbacks import SampleGrid
+from dafl.errors import ConfigError
+from dafl.export import export_classifier
+
+RUN_PARTS = ("checkpoints", "tensorboard", "samples", "export", "metrics.csv", "hparams.yaml", "config.yaml",
+             "summary.json")
+
+
+class DaflCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        parser.add_argument("--overwrite", action="store_true",
+                            help="Replace a finished or started run in trainer.default_root_dir.")
+        parser.add_argument("--run_dir", type=str, default=None,
+                            help="Run folder (checkpoints, logs, samples, export); default runs/<config name>.")
+
+    def _run_dir(self) -> Path:
+        config = self.config[self.subcommand]
+        if config.get("run_dir"):
+            return Path(config.run_dir)
+        if config.trainer.get("default_root_dir"):
+            return Path(config.trainer.default_root_dir)
+        sources = config.get("config") or []
+        stem = Path(str(sources[-1])).stem if sources else "fit"
+        parent = Path(str(sources[-1])).parent.name if sources else ""
+        return Path("runs") / (f"{parent}_{stem}" if parent and parent != "configs" else stem)
+
+    def before_instantiate_classes(self):
+        if self.subcommand != "fit":
+            return
+        run_dir = self._run_dir()
+        config = self.config.fit
+        started = [p for p in RUN_PARTS if (run_dir / p).exists()]
+        if started and not config.overwrite and not config.get("ckpt_path"):
+            raise ConfigError(f"{run_dir} already holds a run; resume it with --ckpt_path last, replace it with "
+                              "--overwrite, or choose another --run_dir")
+        if started and config.overwrite:
+            for part in started:
+                target = run_dir / part
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / ".write-test").touch()
+            (run_dir / ".write-test").unlink()
+        except OSError as e:
+            raise ConfigError(f"cannot write to run folder {run_dir}: {e.strerror}") from None
+        config.trainer.default_root_dir = str(run_dir)
+        self.run_dir = run_dir
+
+    def instantiate_trainer(self, **kwargs):
+        if self.subcommand != "fit":
+            return super().instantiate_trainer(**kwargs)
+        run_dir = str(self.run_dir)
+        data_free = hasattr(self.model, "generator")
+        callbacks = list(self.config_init.fit.trainer.get("callbacks") or [])
+        callbacks.append(ModelCheckpoint(dirpath=f"{run_dir}/checkpoints", filename="best",
+                                         monitor="val/agreement" if data_free else "val/acc", mode="max",
+                                         save_last=True, save_top_k=1))
+        if data_free:
+            callbacks.append(SampleGrid())
+        loggers = [CSVLogger(run_dir, name="", version=""), TensorBoardLogger(run_dir, name="tensorboard", version="")]
+        return super().instantiate_trainer(logger=loggers, callbacks=callbacks, **kwargs)
+
+    def after_fit(self):
+        if self.trainer.interrupted or not self.trainer.is_global_zero:
+            return
+        run_dir, datamodule = Path(self.trainer.default_root_dir), self.datamodule
+        test_acc, line = None, None
+        if getattr(datamodule, "has_test_data", True):
+            start = time.time()
+            results = self.trainer.test(self.model, datamodule=datamodule, verbose=False)
+            test_acc = float(results[0]["test/acc"])
+            name = getattr(datamodule, "info", None)
+            count = len(self.trainer.test_dataloaders.dataset)
+            line = (f"Test accuracy (last epoch, {name.name if name else 'test'} test set, {count:,} images): "
+                    f"{100 * test_acc:.2f}%")
+            if "test/teacher_acc" in results[0]:
+                line += f"  (teacher: {100 * results[0]['test/teacher_acc']:.2f}%)"
+            line += f"  [evaluated in {time.time() - start:.1f}s]"
+        else:
+            line = f"Real-data evaluation skipped: {datamodule.missing_reason}"
+        meta = {**self.model.export_metadata(), "test_acc": test_acc}
+        prefix = meta["state_prefix"]
+        state = {k[len(prefix):]: v for k, v in self.model.state_dict().items() if k.startswith(prefix)}
+        config_file = run_dir / "config.yaml"
+        export_dir = export_classifier(meta, state, run_dir / "export",
+                                       config_file.read_text() if config_file.exists() else "")
+        summary = {"test_acc": test_acc, "epochs": self.trainer.current_epoch, "export": str(export_dir),
+                   "best_checkpoint": self.trainer.checkpoint_callback.best_model_path}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(line)
+        print(f"Run folder: {run_dir}  (exported model: {export_dir}/, samples and logs beside it)")
+
+
+def run_lightning_cli(args: list[str]) -> None:
+    DaflCLI(args=args, save_config_kwargs={"overwrite": True}, subclass_mode_model=True, subclass_mode_data=True,
+            auto_configure_optimizers=False)

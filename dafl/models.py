@@ -1,0 +1,163 @@
+"""Model registry: classifiers (teachers and students) and the DAFL generator, by name.
+
+Every classifier takes `(in_channels, num_classes, image_size)` and its forward accepts
+`return_features=True` to also return the penultimate features the DAFL activation loss
+needs (LeNet-5: the flattened conv3 output; ResNet: the pooled vector).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+from dafl.errors import ConfigError
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+    def wrap(fn):
+        MODELS[name] = fn
+        return fn
+
+    return wrap
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    if name not in MODELS:
+        raise ConfigError(f"unknown architecture {name!r}; choose one of {', '.join(sorted(MODELS))}")
+    return MODELS[name](**kwargs)
+
+
+def classifier_names() -> list[str]:
+    return sorted(n for n in MODELS if n != "generator")
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 as in the DAFL paper: 5x5 convs 6/16/120, fc 84, ReLU, max-pooling.
+
+    `width` scales every hidden layer (0.5 gives the paper's LeNet-5-half: 3/8/60/42).
+    `batch_norm` adds BatchNorm after each conv (lenet5_bn), which gives the generator
+    running statistics to match (DeepInversion-style loss).
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 32,
+                 width: float = 1.0, batch_norm: bool = False):
+        super().__init__()
+        c1, c2, c3, f1 = (max(1, round(c * width)) for c in (6, 16, 120, 84))
+        if image_size < 20:
+            raise ConfigError(f"LeNet-5 needs images of at least 20x20 pixels, got {image_size}")
+        norm = (lambda c: nn.BatchNorm2d(c)) if batch_norm else (lambda c: nn.Identity())
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 5), norm(c1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 5), norm(c2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c2, c3, 5), norm(c3), nn.ReLU(),
+        )
+        spatial = ((image_size - 4) // 2 - 4) // 2 - 4  # 1 for the paper's 32x32 input
+        self.feature_dim = c3 * spatial * spatial
+        self.classifier = nn.Sequential(nn.Linear(self.feature_dim, f1), nn.ReLU(), nn.Linear(f1, num_classes))
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        features = self.features(x).flatten(1)
+        logits = self.classifier(features)
+        return (logits, features) if return_features else logits
+
+
+@register("lenet5")
+def lenet5(in_channels: int = 1, num_classes: int = 10, image_size: int = 32) -> nn.Module:
+    return LeNet5(in_channels, num_classes, image_size)
+
+
+@register("lenet5_half")
+def lenet5_half(in_channels: int = 1, num_classes: int = 10, image_size: int = 32) -> nn.Module:
+    return LeNet5(in_channels, num_classes, image_size, width=0.5)
+
+
+@register("lenet5_bn")
+def lenet5_bn(in_channels: int = 1, num_classes: int = 10, image_size: int = 32) -> nn.Module:
+    return LeNet5(in_channels, num_classes, image_size, batch_norm=True)
+
+
+@register("lenet5_half_bn")
+def lenet5_half_bn(in_channels: int = 1, num_classes: int = 10, image_size: int = 32) -> nn.Module:
+    return LeNet5(in_channels, num_classes, image_size, width=0.5, batch_norm=True)
+
+
+class CifarResNet(ResNet):
+    """torchvision's ResNet with the CIFAR stem (3x3 conv, stride 1, no max-pool)."""
+
+    def __init__(self, layers: list[int], in_channels: int, num_classes: int):
+        super().__init__(BasicBlock, layers, num_classes=num_classes)
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        self.maxpool = nn.Identity()
+        self.feature_dim = 512
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        features = torch.flatten(self.avgpool(x), 1)
+        logits = self.fc(features)
+        return (logits, features) if return_features else logits
+
+
+@register("resnet18")
+def resnet18(in_channels: int = 3, num_classes: int = 10, image_size: int = 32) -> nn.Module:
+    return CifarResNet([2, 2, 2, 2], in_channels, num_classes)
+
+
+@register("resnet34")
+def resnet34(in_channels: int = 3, num_classes: int = 10, image_size: int = 32) -> nn.Module:
+    return CifarResNet([3, 4, 6, 3], in_channels, num_classes)
+
+
+class Generator(nn.Module):
+    """The DAFL generator (official architecture), width and sizes configurable.
+
+    Output passes through a non-affine BatchNorm, so images come out roughly
+    standardised, i.e. in the classifier's normalised input space.
+    """
+
+    def __init__(self, latent_dim: int = 100, image_size: int = 32, channels: int = 1, width: int = 128):
+        super().__init__()
+        if image_size % 4:
+            raise ConfigError(f"generator image_size must be a multiple of 4, got {image_size}")
+        self.latent_dim, self.image_size, self.channels = latent_dim, image_size, channels
+        self.init_size = image_size // 4
+        self.width = width
+        self.project = nn.Linear(latent_dim, width * self.init_size ** 2)
+        self.bn0 = nn.BatchNorm2d(width)
+        # BatchNorm2d(c, 0.8): the official code passes 0.8 positionally, i.e. eps=0.8; kept for fidelity.
+        self.block1 = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width, 0.8), nn.LeakyReLU(0.2))
+        self.block2 = nn.Sequential(
+            nn.Conv2d(width, width // 2, 3, padding=1), nn.BatchNorm2d(width // 2, 0.8), nn.LeakyReLU(0.2),
+            nn.Conv2d(width // 2, channels, 3, padding=1), nn.Tanh(), nn.BatchNorm2d(channels, affine=False),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.bn0(self.project(z).view(z.shape[0], self.width, self.init_size, self.init_size))
+        x = self.block1(F.interpolate(x, scale_factor=2))
+        return self.block2(F.interpolate(x, scale_factor=2))
+
+
+@register("generator")
+def generator(latent_dim: int = 100, image_size: int = 32, channels: int = 1, width: int = 128) -> nn.Module:
+    return Generator(latent_dim, image_size, channels, width)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Forward FLOPs of one sample, counted by torch.utils.flop_counter (multiply-add = 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *input_shape))
+    model.train(was_training)
+    return counter.get_total_flops()

@@ -1,0 +1,140 @@
+"""Supervised classifier training on real data: the teacher, the student with labels
+("standard back-propagation") and the student by knowledge distillation with the real
+training data (set `teacher`)."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torchmetrics.classification import MulticlassAccuracy
+
+from dafl.errors import ConfigError
+from dafl.losses import kd_loss
+from dafl.models import build_model
+from dafl.weights import load_classifier
+
+
+def adam(params):
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+def build_scheduler(kind: str, optimizer: torch.optim.Optimizer, total_steps: int):
+    """'none', 'cosine' (to zero over the run) or 'onecycle' (peak at the optimizer's lr)."""
+    if kind == "none":
+        return None
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+    if kind == "onecycle":
+        peak = [g["lr"] for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=max(2, total_steps))
+    raise ConfigError(f"unknown scheduler {kind!r}; use none, cosine or onecycle")
+
+
+class ClassifierModule(L.LightningModule):
+    def __init__(self, arch: str = "lenet5", num_classes: int = 10, in_channels: int = 1, image_size: int = 32,
+                 optimizer: OptimizerCallable = adam, scheduler: Literal["none", "cosine", "onecycle"] = "onecycle",
+                 teacher: Optional[str] = None, kd_temperature: float = 4.0, kd_weight: float = 1.0):
+        """
+        Args:
+            arch: registered architecture name (see `python -m dafl models`).
+            teacher: weights file of a teacher; if set, the loss is
+                kd_weight * KD(teacher, T=kd_temperature) + (1 - kd_weight) * cross-entropy.
+        """
+        super().__init__()
+        if kd_temperature <= 0 or not 0 <= kd_weight <= 1:
+            raise ConfigError("kd_temperature must be > 0 and kd_weight in [0, 1]")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer_factory = optimizer
+        self.net = build_model(arch, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+        self.teacher = None
+        if teacher is not None:
+            self.teacher, _ = load_classifier(teacher, num_classes=num_classes, in_channels=in_channels,
+                                              image_size=image_size)
+            self.teacher.eval().requires_grad_(False)
+        metric = lambda: MulticlassAccuracy(num_classes=num_classes, average="micro")  # noqa: E731
+        self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def setup(self, stage: str):
+        info = getattr(self.trainer.datamodule, "info", None)
+        hp = self.hparams
+        if info is not None:
+            if (info.num_classes, info.channels) != (hp.num_classes, hp.in_channels):
+                raise ConfigError(f"dataset {info.name} has {info.num_classes} classes and {info.channels} channels, "
+                                  f"the model {hp.num_classes} and {hp.in_channels}")
+            self.data_meta = {"dataset": info.name, "native_size": info.size, "mean": info.mean, "std": info.std,
+                              "class_names": info.class_names}
+
+    def export_metadata(self) -> dict:
+        hp = self.hparams
+        method = "knowledge distillation with data" if hp.teacher else "supervised training"
+        data = getattr(self, "data_meta", None) or {"dataset": None, "native_size": hp.image_size,
+                                                    "mean": [0.0] * hp.in_channels, "std": [1.0] * hp.in_channels}
+        return {**data, "kind": "classifier", "method": method, "arch": hp.arch, "num_classes": hp.num_classes,
+                "in_channels": hp.in_channels, "image_size": hp.image_size, "state_prefix": "net."}
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["dafl"] = self.export_metadata()
+
+    def on_load_checkpoint(self, checkpoint):
+        meta = checkpoint.get("dafl", {})
+        if "native_size" in meta:
+            self.data_meta = {k: meta.get(k) for k in ("dataset", "native_size", "mean", "std", "class_names")}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the frozen teacher always predicts with its running statistics
+        return self
+
+    def state_dict(self, *args, **kwargs):
+        # The teacher is reloaded from its file; keep it out of checkpoints.
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        return type(state)((k, v) for k, v in state.items() if not k.startswith(prefix + "teacher."))
+
+    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("teacher.")}
+        if self.teacher is not None:
+            state_dict.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        logits = self.net(images)
+        loss = F.cross_entropy(logits, labels)
+        self.log("train/loss_ce", loss)
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(images)
+            loss_kd = kd_loss(logits, teacher_logits, self.hparams.kd_temperature)
+            self.log("train/loss_kd", loss_kd)
+            loss = self.hparams.kd_weight * loss_kd + (1 - self.hparams.kd_weight) * loss
+        self.train_acc(logits, labels)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        logits = self.net(images)
+        self.val_acc(logits, labels)
+        self.log("val/loss", F.cross_entropy(logits, labels))
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch, batch_idx):
+        images, labels = batch
+        self.test_acc(self.net(images), labels)
+        self.log("test/acc", self.test_acc)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.net.parameters())
+        scheduler = build_scheduler(self.hparams.scheduler, optimizer, self.trainer.estimated_stepping_batches)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,264 @@
+"""Data-free knowledge distillation (DAFL, Chen et al. ICCV 2019) and its levers.
+
+A generator learns images that the frozen teacher finds meaningful (`GeneratorObjective`);
+a student imitates the teacher on them (`StudentObjective`). Two schedules:
+
+- `official`: one combined backward of generator loss + student KD loss, both optimizers
+  step; the student trains on the generator's pre-update batch (the published code).
+- `alternating`: `generator_steps` generator updates, then `student_steps` student
+  updates on fresh generator samples (or on batches drawn from the replay memory).
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+
+from dafl.errors import ConfigError
+from dafl.weights import load_classifier
+from lightning_modules.generator import GeneratorObjective
+from lightning_modules.student import ReplayMemory, StudentObjective
+
+
+def generator_adam(params):
+    return torch.optim.Adam(params, lr=0.2)  # the official MNIST recipe
+
+
+def student_adam(params):
+    return torch.optim.Adam(params, lr=2e-3)
+
+
+class DataFreeDistillation(L.LightningModule):
+    def __init__(
+        self,
+        teacher: str = "checkpoints/fashion_mnist_lenet5_bn.safetensors",
+        teacher_arch: Optional[str] = None,
+        student_arch: str = "lenet5_half",
+        latent_dim: int = 100,
+        generator_width: int = 128,
+        batch_size: int = 512,
+        schedule: Literal["official", "alternating"] = "official",
+        generator_steps: int = 1,
+        student_steps: int = 1,
+        one_hot_weight: float = 1.0,
+        activation_weight: float = 0.1,
+        entropy_weight: float = 5.0,
+        entropy_log_base: float = 10.0,
+        bn_stat_weight: float = 0.0,
+        adversarial_weight: float = 0.0,
+        kd_temperature: float = 1.0,
+        replay_size: int = 0,
+        augment_shift: int = 0,
+        augment_flip: bool = False,
+        generator_optimizer: OptimizerCallable = generator_adam,
+        student_optimizer: OptimizerCallable = student_adam,
+        student_lr_schedule: Literal["constant", "cosine", "multistep"] = "constant",
+        student_lr_milestones: list[int] = [],  # epochs at which the student's lr is divided by 10
+        val_size: int = 1024,
+    ):
+        """
+        Args:
+            teacher: weights of the trained classifier (safetensors with metadata, or a state dict).
+            teacher_arch: architecture, if the weights file does not name it.
+            student_arch: registered architecture of the student.
+            generator_width: channels of the generator's first conv block (official 128).
+            batch_size: synthetic images per generator / student step.
+            one_hot_weight, activation_weight, entropy_weight: the DAFL loss weights (oh, a, ie).
+            entropy_log_base: logarithm base of the information-entropy loss (official: 10).
+            bn_stat_weight: DeepInversion BatchNorm-statistics loss (needs a BN teacher).
+            adversarial_weight: DFAD term, the generator maximises student-teacher L1 gap.
+            replay_size: images kept from earlier generator batches; student steps sample from
+                them (0: students train on fresh generator samples).
+            augment_shift, augment_flip: augmentation of the student's synthetic batches.
+            val_size: synthetic images from a fixed held-out latent bank for the label-free
+                validation signal `val/agreement` (student-teacher top-1 agreement).
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["generator_optimizer", "student_optimizer"])
+        self.automatic_optimization = False
+        self._validate_hparams()
+        self.generator_optimizer_factory = generator_optimizer
+        self.student_optimizer_factory = student_optimizer
+
+        self.teacher, self.teacher_meta = load_classifier(teacher, arch=teacher_arch)
+        self.teacher.eval().requires_grad_(False)
+        shape = {k: self.teacher_meta[k] for k in ("in_channels", "num_classes", "image_size")}
+        self.student = StudentObjective(student_arch, **shape, temperature=kd_temperature,
+                                        augment_shift=augment_shift, augment_flip=augment_flip)
+        self.generator = GeneratorObjective(latent_dim, shape["image_size"], shape["in_channels"], generator_width,
+                                            one_hot_weight, activation_weight, entropy_weight, entropy_log_base,
+                                            bn_stat_weight, adversarial_weight)
+        try:
+            self.generator.attach(self.teacher)
+        except ValueError as e:
+            raise ConfigError(f"{e}; {teacher} is a {self.teacher_meta['arch']}") from None
+        image_shape = (shape["in_channels"], shape["image_size"], shape["image_size"])
+        self.replay = ReplayMemory(replay_size, image_shape) if replay_size else None
+        # Fixed latent bank for the label-free validation signal and the sample grids.
+        self.register_buffer("val_latents", torch.randn(val_size, latent_dim, generator=torch.Generator().manual_seed(1234)))
+
+    def _validate_hparams(self):
+        hp = self.hparams
+        for name in ("latent_dim", "generator_width", "batch_size", "generator_steps", "student_steps", "val_size"):
+            if hp[name] <= 0:
+                raise ConfigError(f"{name} must be positive, got {hp[name]}")
+        for name in ("one_hot_weight", "activation_weight", "entropy_weight", "bn_stat_weight", "adversarial_weight",
+                     "replay_size", "augment_shift"):
+            if hp[name] < 0:
+                raise ConfigError(f"{name} must be >= 0, got {hp[name]}")
+        if hp.kd_temperature <= 0 or hp.entropy_log_base <= 1:
+            raise ConfigError("kd_temperature must be > 0 and entropy_log_base > 1")
+        if hp.schedule == "official" and (hp.generator_steps != 1 or hp.student_steps != 1 or hp.replay_size):
+            raise ConfigError("schedule 'official' is one combined step: use generator_steps=1, student_steps=1, "
+                              "replay_size=0, or schedule 'alternating'")
+
+    # ------------------------------------------------------------------ plumbing
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # frozen: running statistics, never batch statistics
+        return self
+
+    def state_dict(self, *args, **kwargs):
+        # The teacher is reloaded from its file; checkpoints hold generator + student only.
+        state = super().state_dict(*args, **kwargs)
+        return type(state)((k, v) for k, v in state.items() if not k.startswith("teacher."))
+
+    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("teacher.")}
+        state_dict.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+    def setup(self, stage: str):
+        info = getattr(self.trainer.datamodule, "info", None) if self.trainer else None
+        meta = self.teacher_meta
+        if info is not None:
+            for key, value in (("num_classes", info.num_classes), ("in_channels", info.channels)):
+                if meta[key] != value:
+                    raise ConfigError(f"the teacher has {key}={meta[key]} but dataset {info.name} has {value}")
+
+    def export_metadata(self) -> dict:
+        """What `dafl export` needs to rebuild the student without the teacher."""
+        meta, hp = self.teacher_meta, self.hparams
+        info = getattr(self.trainer.datamodule, "info", None) if self._trainer else None
+        fallback = {"dataset": info.name, "native_size": info.size, "mean": info.mean, "std": info.std,
+                    "class_names": info.class_names} if info else {
+            "dataset": None, "native_size": meta["image_size"], "mean": [0.0] * meta["in_channels"],
+            "std": [1.0] * meta["in_channels"], "class_names": None}
+        return {**fallback, **{k: meta[k] for k in fallback if meta.get(k) is not None},
+                "kind": "student", "method": f"data-free distillation ({hp.schedule} schedule)",
+                "arch": hp.student_arch, "num_classes": meta["num_classes"], "in_channels": meta["in_channels"],
+                "image_size": meta["image_size"], "teacher": str(hp.teacher), "teacher_arch": meta["arch"],
+                "state_prefix": "student.net."}
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["dafl"] = self.export_metadata()
+
+    def _latents(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.hparams.latent_dim, device=self.device)
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        if self.trainer is None or self.trainer.world_size == 1:
+            return t
+        return self.all_gather(t, sync_grads=True).flatten(0, 1)
+
+    def _check_finite(self, losses: dict[str, torch.Tensor]):
+        for name, value in losses.items():
+            if not torch.isfinite(value):
+                raise FloatingPointError(f"loss {name} became {value.item()} at epoch {self.current_epoch}, "
+                                         f"iteration {self._batch_idx}; the last good checkpoint is kept")
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch, batch_idx):
+        self._batch_idx = batch_idx
+        opt_g, opt_s = self.optimizers()
+        hp = self.hparams
+        if hp.schedule == "official":
+            images = self.generator(self._latents(hp.batch_size))
+            g_losses, teacher_logits, _ = self.generator.losses(images, self.teacher, self._gather)
+            loss_kd = self.student.loss(images.detach(), teacher_logits)
+            self._check_finite({**g_losses, "kd": loss_kd})
+            opt_g.zero_grad()
+            opt_s.zero_grad()
+            self.manual_backward(g_losses["total"] + loss_kd)
+            opt_g.step()
+            opt_s.step()
+        else:
+            for _ in range(hp.generator_steps):
+                images = self.generator(self._latents(hp.batch_size))
+                student = self.student if hp.adversarial_weight > 0 else None
+                g_losses, _, _ = self.generator.losses(images, self.teacher, self._gather, student)
+                self._check_finite(g_losses)
+                opt_g.zero_grad()
+                self.manual_backward(g_losses["total"])
+                opt_g.step()
+                if self.replay is not None:
+                    self.replay.push(images)
+            for _ in range(hp.student_steps):
+                if self.replay is not None:
+                    images = self.replay.sample(hp.batch_size)
+                else:
+                    images = self.generator.sample(self._latents(hp.batch_size))
+                images = self.student.augment(images)
+                with torch.no_grad():
+                    teacher_logits = self.teacher(images)
+                loss_kd = self.student.loss(images, teacher_logits)
+                self._check_finite({"kd": loss_kd})
+                opt_s.zero_grad()  # also clears gradients the adversarial term left on the student
+                self.manual_backward(loss_kd)
+                opt_s.step()
+        self._step_schedulers(batch_idx)
+        self.log_dict({f"train/loss_{k}": v.detach() for k, v in g_losses.items()})
+        self.log("train/loss_kd", loss_kd.detach(), prog_bar=True)
+
+    def _step_schedulers(self, batch_idx: int):
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        last_of_epoch = batch_idx == self.trainer.num_training_batches - 1
+        for scheduler in schedulers:
+            if isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR):
+                if last_of_epoch:
+                    scheduler.step()
+            else:
+                scheduler.step()
+
+    def configure_optimizers(self):
+        opt_g = self.generator_optimizer_factory(self.generator.parameters())
+        opt_s = self.student_optimizer_factory(self.student.parameters())
+        schedule = self.hparams.student_lr_schedule
+        if schedule == "constant":
+            return [opt_g, opt_s]
+        if schedule == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, T_max=max(1, self.trainer.estimated_stepping_batches))
+        else:
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt_s, milestones=self.hparams.student_lr_milestones, gamma=0.1)
+        return [opt_g, opt_s], [sched]
+
+    # ------------------------------------------------------------------ label-free validation, real-data test
+
+    def validation_step(self, batch, batch_idx):
+        agree, kd, n = 0.0, 0.0, 0
+        for z in self.val_latents.split(self.hparams.batch_size):
+            images = self.generator.sample(z)
+            teacher_logits, student_logits = self.teacher(images), self.student(images)
+            agree += (teacher_logits.argmax(1) == student_logits.argmax(1)).sum()
+            kd += self.student.loss(images, teacher_logits) * len(z)
+            n += len(z)
+        self.log("val/agreement", agree / n, prog_bar=True)
+        self.log("val/loss_kd", kd / n)
+
+    def test_step(self, batch, batch_idx):
+        images, labels = batch
+        student_acc = (self.student(images).argmax(1) == labels).float().mean()
+        teacher_acc = (self.teacher(images).argmax(1) == labels).float().mean()
+        self.log("test/acc", student_acc, batch_size=len(labels))
+        self.log("test/teacher_acc", teacher_acc, batch_size=len(labels))

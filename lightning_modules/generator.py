@@ -1,0 +1,76 @@
+"""The generator side of DAFL: a generator and the weighted losses that make the frozen
+teacher find its images meaningful. Composed by `DataFreeDistillation`."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from dafl.losses import (BatchNormStatistics, activation_loss, batchnorm_statistics_loss,
+                         information_entropy_loss, l1_disagreement, one_hot_loss)
+from dafl.models import build_model
+
+
+class GeneratorObjective(nn.Module):
+    """Generator + loss weights. Every lever is a weight; zero switches it off (and skips
+    its computation where that saves work)."""
+
+    def __init__(self, latent_dim: int, image_size: int, channels: int, width: int,
+                 one_hot_weight: float, activation_weight: float, entropy_weight: float, entropy_log_base: float,
+                 bn_stat_weight: float, adversarial_weight: float):
+        super().__init__()
+        self.net = build_model("generator", latent_dim=latent_dim, image_size=image_size, channels=channels,
+                               width=width)
+        self.latent_dim = latent_dim
+        self.weights = {"oh": one_hot_weight, "a": activation_weight, "ie": entropy_weight,
+                        "bn": bn_stat_weight, "adv": adversarial_weight}
+        self.entropy_log_base = entropy_log_base
+        self._bn_hooks: Optional[BatchNormStatistics] = None
+
+    def attach(self, teacher: nn.Module) -> None:
+        """Hook the teacher's BatchNorm layers if the statistics loss is on."""
+        if self.weights["bn"] > 0 and self._bn_hooks is None:
+            self._bn_hooks = BatchNormStatistics(teacher)
+            if not self._bn_hooks.layers:
+                raise ValueError("bn_stat_weight > 0 needs a teacher with BatchNorm layers (e.g. lenet5_bn)")
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor) -> torch.Tensor:
+        """Images as training sees them (batch statistics), leaving running statistics alone."""
+        saved = [b.clone() for b in self.net.buffers()]
+        was_training = self.net.training
+        self.net.train()
+        images = self.net(z)
+        self.net.train(was_training)
+        for b, s in zip(self.net.buffers(), saved):
+            b.copy_(s)
+        return images
+
+    def losses(self, images: torch.Tensor, teacher: nn.Module,
+               gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+               student: Optional[nn.Module] = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Losses of generated `images` against the frozen teacher.
+
+        `gather` all-gathers a tensor over processes (with gradients): the information
+        entropy is a batch statistic and must see the global batch under DDP.
+        Returns (named losses incl. 'total', teacher logits, teacher features).
+        """
+        w = self.weights
+        if self._bn_hooks is not None:
+            self._bn_hooks.recording = True
+        teacher_logits, features = teacher(images, return_features=True)
+        if self._bn_hooks is not None:
+            self._bn_hooks.recording = False
+        losses = {"oh": one_hot_loss(teacher_logits), "a": activation_loss(features),
+                  "ie": information_entropy_loss(gather(teacher_logits), self.entropy_log_base)}
+        if self._bn_hooks is not None:
+            losses["bn"] = batchnorm_statistics_loss(self._bn_hooks.pop())
+        if w["adv"] > 0 and student is not None:
+            # DFAD: the generator seeks images where student and teacher disagree.
+            losses["adv"] = -l1_disagreement(student(images), teacher_logits)
+        losses["total"] = sum(w[k] * v for k, v in losses.items())
+        return losses, teacher_logits, features

@@ -1,0 +1,58 @@
+"""The student side of DAFL: a small classifier that imitates the teacher on synthetic
+images (KD loss), with an optional replay memory of earlier synthetic batches (CMI-style)
+and batch augmentation. Composed by `DataFreeDistillation`."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dafl.data import random_shift_flip
+from dafl.losses import kd_loss
+from dafl.models import build_model
+
+
+class ReplayMemory(nn.Module):
+    """Ring buffer of the most recent `capacity` synthetic images. Students trained only on
+    the newest batch forget what the generator made earlier; sampling from a memory of
+    recent batches makes each (expensive) generated image serve several student steps."""
+
+    def __init__(self, capacity: int, image_shape: tuple[int, ...]):
+        super().__init__()
+        self.capacity = capacity
+        self.register_buffer("images", torch.zeros(capacity, *image_shape))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))  # images ever pushed
+
+    def push(self, images: torch.Tensor) -> None:
+        images = images.detach()[-self.capacity:]
+        start = int(self.count) % self.capacity
+        idx = (torch.arange(len(images), device=images.device) + start) % self.capacity
+        self.images[idx] = images.to(self.images.dtype)
+        self.count += len(images)
+
+    def __len__(self) -> int:
+        return min(int(self.count), self.capacity)
+
+    def sample(self, n: int) -> torch.Tensor:
+        if len(self) == 0:
+            raise RuntimeError("replay memory is empty")
+        idx = torch.randint(0, len(self), (n,), device=self.images.device)
+        return self.images[idx]
+
+
+class StudentObjective(nn.Module):
+    """Student network + KD settings (temperature, augmentation of synthetic batches)."""
+
+    def __init__(self, arch: str, in_channels: int, num_classes: int, image_size: int,
+                 temperature: float = 1.0, augment_shift: int = 0, augment_flip: bool = False):
+        super().__init__()
+        self.net = build_model(arch, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+        self.temperature, self.augment_shift, self.augment_flip = temperature, augment_shift, augment_flip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        return random_shift_flip(images, self.augment_shift, self.augment_flip)
+
+    def loss(self, images: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return kd_loss(self.net(images), teacher_logits.detach(), self.temperature)
