@@ -17,10 +17,6 @@ from dafl.models import build_model
 from dafl.weights import load_classifier
 
 
-def adam(params):
-    return torch.optim.Adam(params, lr=1e-3)
-
-
 def build_scheduler(kind: str, optimizer: torch.optim.Optimizer, total_steps: int):
     """'none', 'cosine' (to zero over the run) or 'onecycle' (peak at the optimizer's lr)."""
     if kind == "none":
@@ -35,7 +31,7 @@ def build_scheduler(kind: str, optimizer: torch.optim.Optimizer, total_steps: in
 
 class ClassifierModule(L.LightningModule):
     def __init__(self, arch: str = "lenet5", num_classes: int = 10, in_channels: int = 1, image_size: int = 32,
-                 optimizer: OptimizerCallable = adam, scheduler: Literal["none", "cosine", "onecycle"] = "onecycle",
+                 optimizer: Optional[OptimizerCallable] = None, scheduler: Literal["none", "cosine", "onecycle"] = "onecycle",
                  teacher: Optional[str] = None, kd_temperature: float = 4.0, kd_weight: float = 1.0):
         """
         Args:
@@ -133,7 +129,8 @@ class ClassifierModule(L.LightningModule):
         self.log("test/acc", self.test_acc)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.net.parameters())
+        make = self.optimizer_factory or (lambda p: torch.optim.Adam(p, lr=1e-3))
+        optimizer = make(self.net.parameters())
         scheduler = build_scheduler(self.hparams.scheduler, optimizer, self.trainer.estimated_stepping_batches)
         if scheduler is None:
             return optimizer

@@ -23,14 +23,6 @@ from lightning_modules.generator import GeneratorObjective
 from lightning_modules.student import ReplayMemory, StudentObjective
 
 
-def generator_adam(params):
-    return torch.optim.Adam(params, lr=0.2)  # the official MNIST recipe
-
-
-def student_adam(params):
-    return torch.optim.Adam(params, lr=2e-3)
-
-
 class DataFreeDistillation(L.LightningModule):
     def __init__(
         self,
@@ -53,8 +45,8 @@ class DataFreeDistillation(L.LightningModule):
         replay_size: int = 0,
         augment_shift: int = 0,
         augment_flip: bool = False,
-        generator_optimizer: OptimizerCallable = generator_adam,
-        student_optimizer: OptimizerCallable = student_adam,
+        generator_optimizer: Optional[OptimizerCallable] = None,
+        student_optimizer: Optional[OptimizerCallable] = None,
         student_lr_schedule: Literal["constant", "cosine", "multistep"] = "constant",
         student_lr_milestones: list[int] = [],  # epochs at which the student's lr is divided by 10
         val_size: int = 1024,
@@ -215,8 +207,8 @@ class DataFreeDistillation(L.LightningModule):
                 self.manual_backward(loss_kd)
                 opt_s.step()
         self._step_schedulers(batch_idx)
-        self.log_dict({f"train/loss_{k}": v.detach() for k, v in g_losses.items()})
-        self.log("train/loss_kd", loss_kd.detach(), prog_bar=True)
+        self.log_dict({f"train/loss_{k}": v.detach() for k, v in g_losses.items()}, batch_size=hp.batch_size)
+        self.log("train/loss_kd", loss_kd.detach(), prog_bar=True, batch_size=hp.batch_size)
 
     def _step_schedulers(self, batch_idx: int):
         schedulers = self.lr_schedulers()
@@ -232,8 +224,10 @@ class DataFreeDistillation(L.LightningModule):
                 scheduler.step()
 
     def configure_optimizers(self):
-        opt_g = self.generator_optimizer_factory(self.generator.parameters())
-        opt_s = self.student_optimizer_factory(self.student.parameters())
+        # Defaults: the official MNIST recipe (generator Adam 0.2, student Adam 2e-3).
+        make_g = self.generator_optimizer_factory or (lambda p: torch.optim.Adam(p, lr=0.2))
+        make_s = self.student_optimizer_factory or (lambda p: torch.optim.Adam(p, lr=2e-3))
+        opt_g, opt_s = make_g(self.generator.parameters()), make_s(self.student.parameters())
         schedule = self.hparams.student_lr_schedule
         if schedule == "constant":
             return [opt_g, opt_s]
@@ -253,8 +247,8 @@ class DataFreeDistillation(L.LightningModule):
             agree += (teacher_logits.argmax(1) == student_logits.argmax(1)).sum()
             kd += self.student.loss(images, teacher_logits) * len(z)
             n += len(z)
-        self.log("val/agreement", agree / n, prog_bar=True)
-        self.log("val/loss_kd", kd / n)
+        self.log("val/agreement", agree / n, prog_bar=True, batch_size=n)
+        self.log("val/loss_kd", kd / n, batch_size=n)
 
     def test_step(self, batch, batch_idx):
         images, labels = batch

@@ -1,0 +1,143 @@
+"""Data-free distillation: mechanics of both schedules, the frozen teacher, checkpoints
+without the teacher, resume, and a short real run on digits."""
+import lightning as L
+import pytest
+import torch
+
+from conftest import quiet_trainer
+from dafl.data import DataFreeDataModule
+from dafl.errors import ConfigError
+from lightning_modules.data_free import DataFreeDistillation
+from lightning_modules.student import ReplayMemory
+
+FAST = dict(latent_dim=16, generator_width=16, batch_size=32, val_size=64)
+
+
+def best_preset(teacher, **overrides):
+    settings = dict(teacher=str(teacher), schedule="alternating", student_steps=5, replay_size=2048,
+                    activation_weight=0.0, bn_stat_weight=1.0, latent_dim=32, generator_width=32, batch_size=128,
+                    generator_optimizer=lambda p: torch.optim.Adam(p, lr=1e-3, betas=(0.5, 0.999)),
+                    student_optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4),
+                    student_lr_schedule="cosine", val_size=256)
+    return DataFreeDistillation(**{**settings, **overrides})
+
+
+def test_short_data_free_run_beats_chance_widely(digits_teacher, tmp_path):
+    path, teacher_acc = digits_teacher
+    assert teacher_acc > 0.9
+    L.seed_everything(0, verbose=False)
+    model = best_preset(path)
+    data = DataFreeDataModule("digits", iterations_per_epoch=50)
+    trainer = quiet_trainer(max_epochs=3, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=data)
+    agreement = float(trainer.callback_metrics["val/agreement"])
+    result = trainer.test(model, datamodule=data, verbose=False)[0]
+    # Chance is 10%; the student never saw a real digit.
+    assert result["test/acc"] > 0.5, result
+    assert agreement > 0.5
+
+
+def test_teacher_is_frozen_and_in_eval_mode(digits_teacher):
+    model = best_preset(digits_teacher[0], **FAST)
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    trainer = quiet_trainer(max_steps=3 * 2, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, datamodule=DataFreeDataModule(None, iterations_per_epoch=3))
+    assert not model.teacher.training
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+    for k, v in model.teacher.state_dict().items():
+        assert torch.equal(v, before[k]), f"teacher {k} changed"  # running stats too
+
+
+def test_official_schedule_is_one_combined_step(digits_teacher):
+    model = DataFreeDistillation(teacher=str(digits_teacher[0]), schedule="official", **FAST)
+    student_before = [p.clone() for p in model.student.parameters()]
+    generator_before = [p.clone() for p in model.generator.parameters()]
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=DataFreeDataModule(None, iterations_per_epoch=1))
+    assert all(not torch.equal(a, b) for a, b in zip(student_before, model.student.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(generator_before, model.generator.parameters()))
+    # One step per optimizer: Lightning's global_step counts both.
+    assert trainer.global_step == 2
+
+
+def test_official_schedule_rejects_alternating_settings(digits_teacher):
+    with pytest.raises(ConfigError, match="official"):
+        DataFreeDistillation(teacher=str(digits_teacher[0]), schedule="official", student_steps=5)
+
+
+@pytest.mark.parametrize("bad", [{"batch_size": 0}, {"entropy_weight": -1.0}, {"kd_temperature": 0.0},
+                                 {"generator_width": 0}, {"replay_size": -5}])
+def test_invalid_hyperparameters(digits_teacher, bad):
+    with pytest.raises(ConfigError):
+        DataFreeDistillation(teacher=str(digits_teacher[0]), **bad)
+
+
+def test_bn_stat_loss_needs_batchnorm_teacher(tmp_path):
+    from dafl.models import build_model
+    from dafl.weights import save_classifier
+
+    path = tmp_path / "plain.safetensors"
+    save_classifier(path, build_model("lenet5"), {"arch": "lenet5", "num_classes": 10, "in_channels": 1,
+                                                  "image_size": 32})
+    with pytest.raises(ConfigError, match="BatchNorm"):
+        DataFreeDistillation(teacher=str(path), bn_stat_weight=1.0)
+
+
+def test_checkpoint_excludes_teacher_and_resume_continues(digits_teacher, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def make():
+        return best_preset(digits_teacher[0], **FAST)
+
+    ckpt_dir = tmp_path / "ckpt"
+    first = quiet_trainer(max_epochs=2, num_sanity_val_steps=0, enable_checkpointing=True,
+                          callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True)])
+    first.fit(make(), datamodule=DataFreeDataModule(None, iterations_per_epoch=4))
+    ckpt = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
+    assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
+    assert any(k.startswith("student.net.") for k in ckpt["state_dict"])
+    assert any(k.startswith("generator.net.") for k in ckpt["state_dict"])
+    assert len(ckpt["optimizer_states"]) == 2 and ckpt["dafl"]["kind"] == "student"
+
+    class Recorder(L.Callback):
+        batches, start_weights = 0, None
+
+        def on_train_start(self, trainer, module):
+            Recorder.start_weights = {k: v.clone() for k, v in module.student.state_dict().items()}
+
+        def on_train_batch_end(self, *args):
+            Recorder.batches += 1
+
+    second = quiet_trainer(max_epochs=3, num_sanity_val_steps=0, callbacks=[Recorder()])
+    second.fit(make(), datamodule=DataFreeDataModule(None, iterations_per_epoch=4), ckpt_path=ckpt_dir / "last.ckpt")
+    # Resumed: starts from the saved student and runs only the third epoch's 4 iterations.
+    saved = {k[len("student."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
+    assert all(torch.equal(Recorder.start_weights[k], v) for k, v in saved.items())
+    assert Recorder.batches == 4 and second.current_epoch == 3
+    # Each iteration: 1 generator + 5 student optimizer steps, all counted by global_step.
+    assert second.global_step == 3 * 4 * 6
+
+
+def test_replay_memory_ring_buffer():
+    memory = ReplayMemory(capacity=5, image_shape=(1, 2, 2))
+    memory.push(torch.zeros(3, 1, 2, 2))
+    assert len(memory) == 3
+    memory.push(torch.ones(4, 1, 2, 2))
+    assert len(memory) == 5 and int(memory.count) == 7
+    # The oldest two zeros were overwritten: one zero-image remains among five.
+    assert int((memory.images.flatten(1).sum(1) == 0).sum()) == 1
+    assert memory.sample(10).shape == (10, 1, 2, 2)
+    with pytest.raises(RuntimeError):
+        ReplayMemory(2, (1, 2, 2)).sample(1)
+
+
+def test_augmentation_of_synthetic_batches():
+    from dafl.data import random_shift_flip
+
+    x = torch.arange(16.0).view(1, 1, 4, 4).repeat(64, 1, 1, 1)
+    flipped = random_shift_flip(x, shift=0, flip=True)
+    n_flipped = sum(torch.equal(f, x[0].flip(2)) for f in flipped)
+    assert 10 < n_flipped < 54  # about half
+    shifted = random_shift_flip(x, shift=1, flip=False)
+    assert shifted.shape == x.shape
+    assert torch.equal(random_shift_flip(x, 0, False), x)
