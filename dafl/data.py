@@ -48,14 +48,15 @@ def random_shift_flip(x: torch.Tensor, shift: int, flip: bool) -> torch.Tensor:
 
 
 class ImageDataModule(L.LightningDataModule):
-    """A registered dataset, split into train / validation (held out from train) / test."""
+    """A registered dataset, split into train / validation (a stratified hold-out of the
+    training split: never the test set) / test."""
 
     def __init__(self, dataset: str = "fashion-mnist", root: Optional[str] = None, input_size: int = 32,
-                 batch_size: int = 128, val_size: int = 5000, num_workers: int = 0, split_seed: int = 0,
+                 batch_size: int = 128, val_size: Optional[int] = None, num_workers: int = 0, split_seed: int = 0,
                  augment_shift: int = 0, augment_flip: bool = False):
         super().__init__()
         _check_positive(batch_size=batch_size, input_size=input_size)
-        if val_size < 0:
+        if val_size is not None and val_size < 0:
             raise ConfigError(f"val_size must be >= 0, got {val_size}")
         self.save_hyperparameters()
         self.info: DatasetInfo = dataset_info(dataset, root)
@@ -66,9 +67,11 @@ class ImageDataModule(L.LightningDataModule):
         hp = self.hparams
         if stage in (None, "fit", "validate") and self.train_set is None:
             train = load_split(hp.dataset, "train", hp.root)
-            if hp.val_size >= len(train.labels):
-                raise ConfigError(f"val_size {hp.val_size} leaves no training data ({len(train.labels)} images)")
-            held_out = stratified_holdout(train.labels, hp.val_size, hp.split_seed)
+            # Default validation hold-out: 10% of the training split, at most 5,000 images.
+            val_size = min(5000, len(train.labels) // 10) if hp.val_size is None else hp.val_size
+            if val_size >= len(train.labels):
+                raise ConfigError(f"val_size {val_size} leaves no training data ({len(train.labels)} images)")
+            held_out = stratified_holdout(train.labels, val_size, hp.split_seed)
             self.train_set = TensorDataset(train.images[~held_out], train.labels[~held_out])
             self.val_set = TensorDataset(train.images[held_out], train.labels[held_out])
         if stage in (None, "test") and self.test_set is None:

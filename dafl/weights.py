@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
@@ -52,6 +51,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return {k: json.loads(v) if k in JSON_KEYS else v for k, v in raw.items()}
 
 
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def resolve(path: str | Path) -> Path:
     """A relative path that does not exist from the working directory is looked up from
     the repository root, so shipped files (checkpoints/, configs/) work from anywhere."""
@@ -68,15 +72,14 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path)), read_metadata(path)
-        except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path} is not a readable safetensors file: {e}") from None
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, JSON errors...
+            raise ConfigError(f"{path} is not a readable safetensors file: {first_line(e)}") from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
-        raise ConfigError(f"refusing to load {path}: it is not a plain weights file ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ConfigError(f"{path} is not a readable PyTorch weights file: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"refusing to load {path}: it is not a plain weights file ({first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - whatever a corrupt file raises, it is the user's bad input
+        raise ConfigError(f"{path} is not a readable PyTorch weights file: {first_line(e)}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         # A Lightning checkpoint of ClassifierModule: its network lives under "net.".
         obj = {k[len("net."):]: v for k, v in obj["state_dict"].items() if k.startswith("net.")}
