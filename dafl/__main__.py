@@ -24,7 +24,8 @@ def _quiet():
     # Noise that says nothing to a user of a CPU run with in-memory data.
     for pattern in (".*does not have many workers.*", ".*GPU available but not used.*", ".*LeafSpec.*",
                     ".*Checkpoint directory .* exists and is not empty.*", ".*TensorBoard.*",
-                    ".*Experiment logs directory .* exists.*", ".*is deprecated.*"):
+                    ".*Experiment logs directory .* exists.*", ".*is deprecated.*",
+                    r".*module\(s\) in eval mode.*"):
         warnings.filterwarnings("ignore", pattern)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -43,7 +44,8 @@ def export_main(args: list[str]) -> None:
     if unknown or not formats:
         raise ConfigError(f"unknown export format(s) {sorted(unknown)}; use safetensors, onnx, pt2")
     meta, state, hparams = read_checkpoint(opts.ckpt)
-    out = export_classifier(meta, state, opts.out, formats=formats)
+    out = export_classifier(meta, state, opts.out, formats=formats,
+                            name="student" if meta["kind"] == "student" else "model")
     print(f"Exported {meta['arch']} ({meta['kind']}) to {out}/: " + ", ".join(sorted(p.name for p in out.iterdir())))
 
 
@@ -93,10 +95,25 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"dafl: error: unknown command {command!r}\n\n{__doc__.strip()}", file=sys.stderr)
             return 2
-    except (ConfigError, FloatingPointError) as e:
-        print(f"dafl: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001
+        user_error = _user_error(e)
+        if user_error is None:
+            raise
+        print(f"dafl: error: {user_error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _user_error(error: BaseException) -> BaseException | None:
+    """The ConfigError (bad input) or FloatingPointError (diverged loss) behind `error`:
+    jsonargparse and Lightning wrap exceptions raised while building or running modules."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (ConfigError, FloatingPointError)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

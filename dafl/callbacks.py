@@ -1,6 +1,8 @@
 """Callbacks for data-free runs: a PNG grid of synthetic samples every epoch."""
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import lightning as L
@@ -42,3 +44,42 @@ class SampleGrid(L.Callback):
         folder.mkdir(parents=True, exist_ok=True)
         fig.savefig(folder / f"epoch_{trainer.current_epoch:04d}.png", dpi=80)
         plt.close(fig)
+
+
+class TestAccuracyCurve(L.Callback):
+    """For benchmarks only: real test accuracy of the model after every `every` epochs
+    against training wall-clock time (evaluation time excluded), written to
+    `curve.json` in the run folder. Reported, never used to select a model."""
+
+    def __init__(self, every: int = 1, max_images: int = 10000):
+        self.every, self.max_images = every, max_images
+        self.points: list[dict] = []
+        self.train_seconds = 0.0
+        self._start = None
+
+    def on_train_epoch_start(self, trainer, module):
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, module):
+        self.train_seconds += time.perf_counter() - self._start
+        epoch = trainer.current_epoch + 1
+        datamodule = trainer.datamodule
+        if epoch % self.every and epoch != trainer.max_epochs:
+            return
+        if not getattr(datamodule, "has_test_data", False):
+            return
+        correct = total = 0
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            for images, labels in datamodule.test_dataloader():
+                images, labels = datamodule.on_after_batch_transfer((images.to(module.device), labels), 0)
+                correct += int((module(images).argmax(1) == labels.to(module.device)).sum())
+                total += len(labels)
+                if total >= self.max_images:
+                    break
+        module.train(was_training)
+        self.points.append({"epoch": epoch, "iterations": epoch * trainer.num_training_batches,
+                            "train_seconds": round(self.train_seconds, 2), "test_acc": correct / total})
+        if trainer.is_global_zero:
+            (Path(trainer.default_root_dir) / "curve.json").write_text(json.dumps(self.points, indent=1))

@@ -4,7 +4,9 @@ a real-data test of the last-epoch model and an automatic export at the end."""
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -92,12 +94,14 @@ class DaflCLI(LightningCLI):
             line += f"  [evaluated in {time.time() - start:.1f}s]"
         else:
             line = f"Real-data evaluation skipped: {datamodule.missing_reason}"
-        meta = {**self.model.export_metadata(), "test_acc": test_acc}
+        meta = {**self.model.export_metadata(), "test_acc": test_acc,
+                "seed": self.config.fit.get("seed_everything"), "command": shlex.join(["python", "-m", "dafl", *sys.argv[1:]])}
         prefix = meta["state_prefix"]
         state = {k[len(prefix):]: v for k, v in self.model.state_dict().items() if k.startswith(prefix)}
         config_file = run_dir / "config.yaml"
         export_dir = export_classifier(meta, state, run_dir / "export",
-                                       config_file.read_text() if config_file.exists() else "")
+                                       config_file.read_text() if config_file.exists() else "",
+                                       name="student" if meta["kind"] == "student" else "model")
         summary = {"test_acc": test_acc, "epochs": self.trainer.current_epoch, "export": str(export_dir),
                    "best_checkpoint": self.trainer.checkpoint_callback.best_model_path}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -88,7 +88,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     return meta, state, dict(ckpt.get("hyper_parameters", {}))
 
 
-def model_card(meta: dict[str, Any], config_text: str = "") -> str:
+def model_card(meta: dict[str, Any], config_text: str = "", name: str = "student") -> str:
     acc = f"{100 * meta['test_acc']:.2f}%" if meta.get("test_acc") is not None else "not measured"
     c, s, n = meta["in_channels"], meta["native_size"], meta["num_classes"]
     return textwrap.dedent(f"""\
@@ -100,13 +100,14 @@ def model_card(meta: dict[str, Any], config_text: str = "") -> str:
     - Output: {n} logits; classes: {', '.join(meta.get('class_names') or [str(i) for i in range(n)])}
     - Test accuracy (last epoch, real test set): {acc}
     - Parameters: {meta.get('parameters', '?'):,}; forward FLOPs per image: {meta.get('flops', '?'):,}
-    - Files: `student.safetensors` (weights + metadata), `student.onnx`, `student.pt2`
+    - Seed: {meta.get('seed', 'not recorded')}; command: `{meta.get('command', 'not recorded')}`
+    - Files: `{name}.safetensors` (weights + metadata), `{name}.onnx`, `{name}.pt2`
 
     ## Run it with onnxruntime
 
     ```python
     import numpy as np, onnxruntime as ort
-    session = ort.InferenceSession("student.onnx")
+    session = ort.InferenceSession("{name}.onnx")
     pixels = np.random.rand(4, {c}, {s}, {s}).astype(np.float32)  # your images, scaled to [0, 1]
     logits = session.run(None, {{"pixels": pixels}})[0]
     print(logits.argmax(1))
@@ -121,8 +122,9 @@ def model_card(meta: dict[str, Any], config_text: str = "") -> str:
 
 
 def export_classifier(meta: dict[str, Any], state: dict[str, torch.Tensor], out: str | os.PathLike,
-                      config_text: str = "", formats: tuple[str, ...] = ("safetensors", "onnx", "pt2")) -> Path:
-    """Write student.safetensors / .onnx / .pt2 and model_card.md into `out`. Files are
+                      config_text: str = "", formats: tuple[str, ...] = ("safetensors", "onnx", "pt2"),
+                      name: str = "student") -> Path:
+    """Write {name}.safetensors / .onnx / .pt2 and model_card.md into `out`. Files are
     written to a temporary folder first and moved in only when all succeeded."""
     out = Path(out)
     try:
@@ -139,15 +141,15 @@ def export_classifier(meta: dict[str, Any], state: dict[str, torch.Tensor], out:
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
     try:
         if "safetensors" in formats:
-            save_classifier(tmp / "student.safetensors", model.net, meta)
+            save_classifier(tmp / f"{name}.safetensors", model.net, meta)
         example = torch.rand(3, *shape)
         batch = torch.export.Dim("batch", min=1, max=1 << 16)
         if "pt2" in formats:
             program = torch.export.export(model, (example,), dynamic_shapes={"pixels": {0: batch}})
-            torch.export.save(program, str(tmp / "student.pt2"))
+            torch.export.save(program, str(tmp / f"{name}.pt2"))
         if "onnx" in formats:
-            _export_onnx(model, example, batch, tmp / "student.onnx")
-        (tmp / "model_card.md").write_text(model_card(meta, config_text))
+            _export_onnx(model, example, batch, tmp / f"{name}.onnx")
+        (tmp / "model_card.md").write_text(model_card(meta, config_text, name))
         for f in tmp.iterdir():
             os.replace(f, out / f.name)
     finally:

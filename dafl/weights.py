@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Metadata keys whose values are JSON (safetensors metadata is str -> str).
 JSON_KEYS = {"num_classes", "in_channels", "image_size", "native_size", "mean", "std", "class_names", "test_acc",
-             "seed", "parameters", "flops"}
+             "seed", "parameters", "flops", "teacher_test_acc"}
 
 
 def atomic_write(path: Path, write) -> None:

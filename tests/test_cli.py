@@ -1,0 +1,109 @@
+"""The command line as a user meets it: help, printed configs, one-line errors (exit 2)."""
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def one_line_error(result):
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [l for l in result.stderr.strip().splitlines() if l.startswith("dafl: error:")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_help(run_cli):
+    result = run_cli("--help")
+    assert result.returncode == 0 and "fit" in result.stdout and "export" in result.stdout
+    result = run_cli("fit", "--help")
+    assert result.returncode == 0 and "--overwrite" in result.stdout and "--config" in result.stdout
+
+
+def test_print_config_of_the_default(run_cli):
+    result = run_cli("fit", "--print_config")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "DataFreeDistillation" in result.stdout and "fashion_mnist_lenet5_bn.safetensors" in result.stdout
+
+
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")))
+def test_every_shipped_config_parses(run_cli, config):
+    result = run_cli("fit", "--config", REPO / config, "--print_config")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_models_and_datasets_listings(run_cli):
+    assert "lenet5_half" in run_cli("models").stdout
+    assert "mnist-5k" in run_cli("datasets").stdout
+
+
+def test_unknown_command(run_cli):
+    assert run_cli("frobnicate").returncode == 2
+
+
+def test_missing_teacher_file(run_cli, tmp_path):
+    line = one_line_error(run_cli("fit", "--model.teacher", tmp_path / "nope.safetensors", "--run_dir", tmp_path / "r"))
+    assert "not found" in line
+
+
+def test_corrupt_teacher_file(run_cli, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    line = one_line_error(run_cli("fit", "--model.teacher", bad, "--run_dir", tmp_path / "r"))
+    assert "not a readable safetensors" in line
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--model.batch_size", "0", "batch_size must be positive"),
+    ("--model.entropy_weight", "-1", "entropy_weight must be >= 0"),
+    ("--model.student_arch", "lenet9", "unknown architecture"),
+    ("--data.eval_dataset", "svhn", "unknown dataset"),
+])
+def test_bad_hyperparameters(run_cli, tmp_path, flag, value, message):
+    assert message in one_line_error(run_cli("fit", flag, value, "--run_dir", tmp_path / "r"))
+
+
+def test_class_count_mismatch_between_teacher_and_data(run_cli, tmp_path, digits_teacher):
+    # A 10-class digits teacher with a 100-class evaluation dataset.
+    line = one_line_error(run_cli("fit", "--model.teacher", digits_teacher[0], "--data.eval_dataset", "cifar100",
+                                  "--data.root", tmp_path, "--run_dir", tmp_path / "r", "--trainer.max_epochs", "1"))
+    assert "num_classes" in line
+
+
+def test_bad_export_arguments(run_cli, tmp_path):
+    assert "no checkpoint" in one_line_error(run_cli("export", "--ckpt", tmp_path / "x.ckpt", "--out", tmp_path / "o"))
+    assert "unknown export format" in one_line_error(
+        run_cli("export", "--ckpt", tmp_path, "--out", tmp_path / "o", "--formats", "tflite"))
+
+
+def test_fit_refuses_to_overwrite_a_run_then_overwrites_on_request(run_cli, tmp_path, digits_teacher):
+    args = ["fit", "--model.teacher", digits_teacher[0], "--data.eval_dataset", "digits", "--model.batch_size", "32",
+            "--model.generator_width", "16", "--model.val_size", "32", "--data.iterations_per_epoch", "3",
+            "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--run_dir", tmp_path / "run"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Test accuracy (last epoch, digits test set" in first.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0 <= summary["test_acc"] <= 1
+    for name in ("student.safetensors", "student.onnx", "student.pt2", "model_card.md"):
+        assert (tmp_path / "run" / "export" / name).is_file()
+    assert (tmp_path / "run" / "samples" / "epoch_0000.png").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "run" / "metrics.csv").is_file()
+    before = (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes()
+    line = one_line_error(run_cli(*args))
+    assert "already holds a run" in line
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes() == before  # nothing overwritten
+    assert run_cli(*args, "--overwrite").returncode == 0
+
+
+def test_fit_without_real_test_data_still_trains(run_cli, tmp_path, digits_teacher):
+    result = run_cli("fit", "--model.teacher", digits_teacher[0], "--data.eval_dataset", "fashion-mnist",
+                     "--data.root", tmp_path / "empty", "--model.batch_size", "16", "--model.generator_width", "16",
+                     "--model.val_size", "16", "--data.iterations_per_epoch", "2", "--trainer.max_epochs", "1",
+                     "--trainer.enable_progress_bar", "false", "--run_dir", tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Real-data evaluation skipped" in result.stdout
+    assert (tmp_path / "run" / "export" / "student.onnx").is_file()
