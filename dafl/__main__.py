@@ -3,6 +3,7 @@
   fit        train (teacher, student, or data-free distillation), by LightningCLI config;
              with no --config it runs configs/default.yaml (data-free, shipped teacher)
   validate   / test: LightningCLI's, same configs
+  compare    the DAFL paper's comparison table for one teacher / student / dataset
   export     export a trained student (safetensors, ONNX, .pt2, model card)
   models     list registered architectures
   datasets   list registered datasets and whether they are installed
@@ -88,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             run_lightning_cli([command, *rest])
         elif command == "export":
             export_main(rest)
+        elif command == "compare":
+            from dafl.compare import compare_main
+
+            compare_main(rest)
         elif command == "models":
             models_main(rest)
         elif command == "datasets":

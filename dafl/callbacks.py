@@ -1,4 +1,4 @@
-"""Callbacks for data-free runs: a PNG grid of synthetic samples every epoch."""
+"""Callbacks and plugins: sample grids, test-accuracy curves, atomic checkpoints."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 import torch
 
 
@@ -73,7 +74,7 @@ class TestAccuracyCurve(L.Callback):
         module.eval()
         with torch.no_grad():
             for images, labels in datamodule.test_dataloader():
-                images, labels = datamodule.on_after_batch_transfer((images.to(module.device), labels), 0)
+                images = datamodule.test_adapter.to(module.device)(images.to(module.device))
                 correct += int((module(images).argmax(1) == labels.to(module.device)).sum())
                 total += len(labels)
                 if total >= self.max_images:
@@ -83,3 +84,30 @@ class TestAccuracyCurve(L.Callback):
                             "train_seconds": round(self.train_seconds, 2), "test_acc": correct / total})
         if trainer.is_global_zero:
             (Path(trainer.default_root_dir) / "curve.json").write_text(json.dumps(self.points, indent=1))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary file in the same folder, fsynced, then
+    renamed over the target: a kill during a write never leaves a corrupt `last.ckpt`."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        from dafl.weights import atomic_write
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+
+
+class IntervalCheckpoint(L.Callback):
+    """Refresh `last.ckpt` every `minutes` of training, mid-epoch, so a crash loses at most
+    that much work. Skips an epoch's final batch: the epoch-end checkpoint covers it, and
+    Lightning miscounts epochs when resuming from a save taken on that batch."""
+
+    def __init__(self, path: str, minutes: float):
+        self.path, self.seconds = path, 60.0 * minutes
+        self._last = time.monotonic()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if batch_idx >= trainer.num_training_batches - 1 or time.monotonic() - self._last < self.seconds:
+            return
+        trainer.save_checkpoint(self.path)
+        self._last = time.monotonic()

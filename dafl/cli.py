@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from dafl.callbacks import SampleGrid
+from dafl.callbacks import AtomicCheckpointIO, IntervalCheckpoint, SampleGrid
 from dafl.errors import ConfigError
 from dafl.export import export_classifier
 
@@ -28,6 +28,8 @@ class DaflCLI(LightningCLI):
                             help="Replace a finished or started run in trainer.default_root_dir.")
         parser.add_argument("--run_dir", type=str, default=None,
                             help="Run folder (checkpoints, logs, samples, export); default runs/<config name>.")
+        parser.add_argument("--checkpoint_minutes", type=float, default=2.0,
+                            help="Also save checkpoints/last.ckpt every this many minutes of training (crash safety).")
 
     def _run_dir(self) -> Path:
         config = self.config[self.subcommand]
@@ -71,10 +73,16 @@ class DaflCLI(LightningCLI):
         callbacks.append(ModelCheckpoint(dirpath=f"{run_dir}/checkpoints", filename="best",
                                          monitor="val/agreement" if data_free else "val/acc", mode="max",
                                          save_last=True, save_top_k=1))
+        minutes = self.config.fit.checkpoint_minutes
+        if minutes <= 0:
+            raise ConfigError(f"--checkpoint_minutes must be positive, got {minutes}")
+        callbacks.append(IntervalCheckpoint(f"{run_dir}/checkpoints/last.ckpt", minutes))
         if data_free:
             callbacks.append(SampleGrid())
         loggers = [CSVLogger(run_dir, name="", version=""), TensorBoardLogger(run_dir, name="tensorboard", version="")]
-        return super().instantiate_trainer(logger=loggers, callbacks=callbacks, **kwargs)
+        plugins = self.config_init.fit.trainer.get("plugins") or []
+        plugins = (list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]) + [AtomicCheckpointIO()]
+        return super().instantiate_trainer(logger=loggers, callbacks=callbacks, plugins=plugins, **kwargs)
 
     def after_fit(self):
         if self.trainer.interrupted or not self.trainer.is_global_zero:

@@ -53,14 +53,26 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(self, dataset: str = "fashion-mnist", root: Optional[str] = None, input_size: int = 32,
                  batch_size: int = 128, val_size: Optional[int] = None, num_workers: int = 0, split_seed: int = 0,
-                 augment_shift: int = 0, augment_flip: bool = False):
+                 augment_shift: int = 0, augment_flip: bool = False, test_dataset: Optional[str] = None):
+        """`test_dataset`: evaluate on another dataset's test split (KD with alternative data:
+        train on `dataset`'s images, test on the teacher's task)."""
         super().__init__()
         _check_positive(batch_size=batch_size, input_size=input_size)
         if val_size is not None and val_size < 0:
             raise ConfigError(f"val_size must be >= 0, got {val_size}")
         self.save_hyperparameters()
         self.info: DatasetInfo = dataset_info(dataset, root)
-        self.adapter = InputAdapter.for_dataset(self.info, input_size)
+        self.adapter = self.test_adapter = InputAdapter.for_dataset(self.info, input_size)
+        if test_dataset is not None:
+            test_info = dataset_info(test_dataset)
+            if test_info.channels != self.info.channels:
+                raise ConfigError(f"test_dataset {test_dataset} has {test_info.channels} channel(s), "
+                                  f"{dataset} {self.info.channels}")
+            # The networks serve the test dataset's task: every image gets its normalisation,
+            # each dataset's images are padded/resized from their own native size.
+            self.adapter = InputAdapter(self.info.size, input_size, test_info.mean, test_info.std)
+            self.test_adapter = InputAdapter.for_dataset(test_info, input_size)
+            self.info = test_info
         self.train_set = self.val_set = self.test_set = None
 
     def setup(self, stage: Optional[str] = None):
@@ -75,8 +87,13 @@ class ImageDataModule(L.LightningDataModule):
             self.train_set = TensorDataset(train.images[~held_out], train.labels[~held_out])
             self.val_set = TensorDataset(train.images[held_out], train.labels[held_out])
         if stage in (None, "test") and self.test_set is None:
-            test = load_split(hp.dataset, "test", hp.root)
+            test = load_split(hp.test_dataset or hp.dataset, "test", None if hp.test_dataset else hp.root)
             self.test_set = TensorDataset(test.images, test.labels)
+
+    @property
+    def has_test_data(self) -> bool:
+        self.setup("test")
+        return True
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
@@ -93,7 +110,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
-        images = self.adapter.to(images.device)(images)
+        testing = self.trainer is not None and self.trainer.testing
+        images = (self.test_adapter if testing else self.adapter).to(images.device)(images)
         if self.trainer is not None and self.trainer.training:
             images = random_shift_flip(images, self.hparams.augment_shift, self.hparams.augment_flip)
         return images, labels
@@ -112,7 +130,7 @@ class DataFreeDataModule(L.LightningDataModule):
             raise ConfigError(f"unknown dataset {eval_dataset!r}; choose one of {', '.join(sorted(INFOS))}")
         self.save_hyperparameters()
         self.info: Optional[DatasetInfo] = dataset_info(eval_dataset, root) if eval_dataset else None
-        self.adapter = InputAdapter.for_dataset(self.info, input_size) if self.info else None
+        self.adapter = self.test_adapter = InputAdapter.for_dataset(self.info, input_size) if self.info else None
         self._test: Optional[Split] = None
         self.missing_reason: Optional[str] = None
 

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
+from dafl.distributed import gather_with_grad
 from dafl.errors import ConfigError
 from dafl.weights import load_classifier
 from lightning_modules.generator import GeneratorObjective
@@ -33,6 +34,7 @@ class DataFreeDistillation(L.LightningModule):
         generator_width: int = 128,
         batch_size: int = 512,
         schedule: Literal["official", "alternating"] = "official",
+        synthetic: Literal["generator", "gaussian"] = "generator",
         generator_steps: int = 1,
         student_steps: int = 1,
         one_hot_weight: float = 1.0,
@@ -42,6 +44,7 @@ class DataFreeDistillation(L.LightningModule):
         bn_stat_weight: float = 0.0,
         adversarial_weight: float = 0.0,
         kd_temperature: float = 1.0,
+        native_padding: bool = False,
         replay_size: int = 0,
         augment_shift: int = 0,
         augment_flip: bool = False,
@@ -62,6 +65,10 @@ class DataFreeDistillation(L.LightningModule):
             entropy_log_base: logarithm base of the information-entropy loss (official: 10).
             bn_stat_weight: DeepInversion BatchNorm-statistics loss (needs a BN teacher).
             adversarial_weight: DFAD term, the generator maximises student-teacher L1 gap.
+            synthetic: where student images come from: the DAFL generator, or Gaussian noise
+                (the paper's "normal distribution" baseline; no generator is trained).
+            native_padding: synthetic images keep the constant border that real inputs get when
+                padded from the teacher's native size (e.g. 28 -> 32 for Fashion-MNIST).
             replay_size: images kept from earlier generator batches; student steps sample from
                 them (0: students train on fresh generator samples).
             augment_shift, augment_flip: augmentation of the student's synthetic batches.
@@ -83,14 +90,26 @@ class DataFreeDistillation(L.LightningModule):
         self.generator = GeneratorObjective(latent_dim, shape["image_size"], shape["in_channels"], generator_width,
                                             one_hot_weight, activation_weight, entropy_weight, entropy_log_base,
                                             bn_stat_weight, adversarial_weight)
+        if native_padding:
+            self._set_native_frame()
         try:
             self.generator.attach(self.teacher)
         except ValueError as e:
             raise ConfigError(f"{e}; {teacher} is a {self.teacher_meta['arch']}") from None
-        image_shape = (shape["in_channels"], shape["image_size"], shape["image_size"])
-        self.replay = ReplayMemory(replay_size, image_shape) if replay_size else None
+        self.replay = ReplayMemory(replay_size, self._image_shape()) if replay_size else None
         # Fixed latent bank for the label-free validation signal and the sample grids.
         self.register_buffer("val_latents", torch.randn(val_size, latent_dim, generator=torch.Generator().manual_seed(1234)))
+
+    def _set_native_frame(self):
+        meta = self.teacher_meta
+        if "native_size" not in meta or "mean" not in meta:
+            raise ConfigError("native_padding needs a teacher file with native_size/mean/std metadata")
+        border = (meta["image_size"] - meta["native_size"]) // 2
+        if border <= 0 or meta["image_size"] - meta["native_size"] != 2 * border:
+            raise ConfigError(f"native_padding: the teacher's {meta['native_size']}px inputs are not padded "
+                              f"to {meta['image_size']}px")
+        pad_value = -torch.tensor(meta["mean"]) / torch.tensor(meta["std"])  # a black pixel, normalised
+        self.generator.set_frame(border, pad_value)
 
     def _validate_hparams(self):
         hp = self.hparams
@@ -103,6 +122,8 @@ class DataFreeDistillation(L.LightningModule):
                 raise ConfigError(f"{name} must be >= 0, got {hp[name]}")
         if hp.kd_temperature <= 0 or hp.entropy_log_base <= 1:
             raise ConfigError("kd_temperature must be > 0 and entropy_log_base > 1")
+        if hp.synthetic == "gaussian" and hp.schedule == "official":
+            raise ConfigError("synthetic 'gaussian' trains no generator: use schedule 'alternating'")
         if hp.schedule == "official" and (hp.generator_steps != 1 or hp.student_steps != 1 or hp.replay_size):
             raise ConfigError("schedule 'official' is one combined step: use generator_steps=1, student_steps=1, "
                               "replay_size=0, or schedule 'alternating'")
@@ -155,10 +176,26 @@ class DataFreeDistillation(L.LightningModule):
     def _latents(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.hparams.latent_dim, device=self.device)
 
+    def _image_shape(self) -> tuple[int, int, int]:
+        meta = self.teacher_meta
+        return meta["in_channels"], meta["image_size"], meta["image_size"]
+
+    def _student_batch(self, n: int) -> torch.Tensor:
+        if self.hparams.synthetic == "gaussian":
+            return torch.randn(n, *self._image_shape(), device=self.device)
+        if self.replay is not None:
+            return self.replay.sample(n)
+        return self.generator.sample(self._latents(n))
+
+    def _held_out_images(self, z: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Validation images from the fixed latent bank (or fixed noise for 'gaussian')."""
+        if self.hparams.synthetic == "gaussian":
+            noise = torch.Generator().manual_seed(chunk)
+            return torch.randn(z.shape[0], *self._image_shape(), generator=noise).to(self.device)
+        return self.generator.sample(z)
+
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
-        if self.trainer is None or self.trainer.world_size == 1:
-            return t
-        return self.all_gather(t, sync_grads=True).flatten(0, 1)
+        return gather_with_grad(t)
 
     def _check_finite(self, losses: dict[str, torch.Tensor]):
         for name, value in losses.items():
@@ -183,7 +220,8 @@ class DataFreeDistillation(L.LightningModule):
             opt_g.step()
             opt_s.step()
         else:
-            for _ in range(hp.generator_steps):
+            g_losses = {}
+            for _ in range(hp.generator_steps if hp.synthetic == "generator" else 0):
                 images = self.generator(self._latents(hp.batch_size))
                 student = self.student if hp.adversarial_weight > 0 else None
                 g_losses, _, _ = self.generator.losses(images, self.teacher, self._gather, student)
@@ -194,11 +232,7 @@ class DataFreeDistillation(L.LightningModule):
                 if self.replay is not None:
                     self.replay.push(images)
             for _ in range(hp.student_steps):
-                if self.replay is not None:
-                    images = self.replay.sample(hp.batch_size)
-                else:
-                    images = self.generator.sample(self._latents(hp.batch_size))
-                images = self.student.augment(images)
+                images = self.student.augment(self._student_batch(hp.batch_size))
                 with torch.no_grad():
                     teacher_logits = self.teacher(images)
                 loss_kd = self.student.loss(images, teacher_logits)
@@ -241,8 +275,8 @@ class DataFreeDistillation(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         agree, kd, n = 0.0, 0.0, 0
-        for z in self.val_latents.split(self.hparams.batch_size):
-            images = self.generator.sample(z)
+        for chunk, z in enumerate(self.val_latents.split(self.hparams.batch_size)):
+            images = self._held_out_images(z, chunk)
             teacher_logits, student_logits = self.teacher(images), self.student(images)
             agree += (teacher_logits.argmax(1) == student_logits.argmax(1)).sum()
             kd += self.student.loss(images, teacher_logits) * len(z)

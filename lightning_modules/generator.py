@@ -27,6 +27,17 @@ class GeneratorObjective(nn.Module):
                         "bn": bn_stat_weight, "adv": adversarial_weight}
         self.entropy_log_base = entropy_log_base
         self._bn_hooks: Optional[BatchNormStatistics] = None
+        self.register_buffer("frame_mask", None, persistent=False)
+        self.register_buffer("frame_value", None, persistent=False)
+
+    def set_frame(self, border: int, value: torch.Tensor) -> None:
+        """Real inputs of a 28x28 dataset padded to 32 always carry a constant 2-pixel
+        border; make every synthetic image carry the same border (value per channel, in
+        the normalised space) so the generator spends nothing on pixels that never vary."""
+        size = self.net.image_size
+        mask = torch.zeros(1, 1, size, size)
+        mask[..., border:size - border, border:size - border] = 1.0
+        self.frame_mask, self.frame_value = mask, value.view(1, -1, 1, 1).float()
 
     def attach(self, teacher: nn.Module) -> None:
         """Hook the teacher's BatchNorm layers if the statistics loss is on."""
@@ -36,7 +47,12 @@ class GeneratorObjective(nn.Module):
                 raise ValueError("bn_stat_weight > 0 needs a teacher with BatchNorm layers (e.g. lenet5_bn)")
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+        return self._frame(self.net(z))
+
+    def _frame(self, images: torch.Tensor) -> torch.Tensor:
+        if self.frame_mask is None:
+            return images
+        return images * self.frame_mask + self.frame_value * (1 - self.frame_mask)
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor) -> torch.Tensor:
@@ -44,7 +60,7 @@ class GeneratorObjective(nn.Module):
         saved = [b.clone() for b in self.net.buffers()]
         was_training = self.net.training
         self.net.train()
-        images = self.net(z)
+        images = self._frame(self.net(z))
         self.net.train(was_training)
         for b, s in zip(self.net.buffers(), saved):
             b.copy_(s)

@@ -141,3 +141,15 @@ def test_augmentation_of_synthetic_batches():
     shifted = random_shift_flip(x, shift=1, flip=False)
     assert shifted.shape == x.shape
     assert torch.equal(random_shift_flip(x, 0, False), x)
+
+
+def test_gaussian_noise_baseline_trains_no_generator(digits_teacher):
+    model = best_preset(digits_teacher[0], synthetic="gaussian", **FAST)
+    generator_before = [p.clone() for p in model.generator.parameters()]
+    student_before = [p.clone() for p in model.student.parameters()]
+    trainer = quiet_trainer(max_epochs=1, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=DataFreeDataModule(None, iterations_per_epoch=2))
+    assert all(torch.equal(a, b) for a, b in zip(generator_before, model.generator.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(student_before, model.student.parameters()))
+    with pytest.raises(ConfigError, match="gaussian"):
+        DataFreeDistillation(teacher=str(digits_teacher[0]), synthetic="gaussian", schedule="official")
