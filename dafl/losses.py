@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def one_hot_loss(teacher_logits: torch.Tensor) -> torch.Tensor:
+def one_hot_loss(teacher_logits: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the teacher's logits against its own arg-max: pushes generated
-    images towards confident teacher predictions."""
-    return F.cross_entropy(teacher_logits, teacher_logits.argmax(dim=1))
+    images towards confident teacher predictions. With `targets` (class-conditional
+    generation), against the classes the images were asked to show."""
+    return F.cross_entropy(teacher_logits, teacher_logits.argmax(dim=1) if targets is None else targets)
 
 
 def activation_loss(teacher_features: torch.Tensor) -> torch.Tensor:

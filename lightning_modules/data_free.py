@@ -45,6 +45,7 @@ class DataFreeDistillation(L.LightningModule):
         adversarial_weight: float = 0.0,
         kd_temperature: float = 1.0,
         native_padding: bool = False,
+        class_conditional: bool = False,
         replay_size: int = 0,
         augment_shift: int = 0,
         augment_flip: bool = False,
@@ -69,6 +70,8 @@ class DataFreeDistillation(L.LightningModule):
                 (the paper's "normal distribution" baseline; no generator is trained).
             native_padding: synthetic images keep the constant border that real inputs get when
                 padded from the teacher's native size (e.g. 28 -> 32 for Fashion-MNIST).
+            class_conditional: the generator gets a one-hot class code in its latent and the
+                one-hot loss asks for that class (balanced classes by construction).
             replay_size: images kept from earlier generator batches; student steps sample from
                 them (0: students train on fresh generator samples).
             augment_shift, augment_flip: augmentation of the student's synthetic batches.
@@ -87,9 +90,13 @@ class DataFreeDistillation(L.LightningModule):
         shape = {k: self.teacher_meta[k] for k in ("in_channels", "num_classes", "image_size")}
         self.student = StudentObjective(student_arch, **shape, temperature=kd_temperature,
                                         augment_shift=augment_shift, augment_flip=augment_flip)
-        self.generator = GeneratorObjective(latent_dim, shape["image_size"], shape["in_channels"], generator_width,
-                                            one_hot_weight, activation_weight, entropy_weight, entropy_log_base,
-                                            bn_stat_weight, adversarial_weight)
+        try:
+            self.generator = GeneratorObjective(latent_dim, shape["image_size"], shape["in_channels"], generator_width,
+                                                one_hot_weight, activation_weight, entropy_weight, entropy_log_base,
+                                                bn_stat_weight, adversarial_weight, shape["num_classes"],
+                                                class_conditional)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if native_padding:
             self._set_native_frame()
         try:
@@ -98,7 +105,8 @@ class DataFreeDistillation(L.LightningModule):
             raise ConfigError(f"{e}; {teacher} is a {self.teacher_meta['arch']}") from None
         self.replay = ReplayMemory(replay_size, self._image_shape()) if replay_size else None
         # Fixed latent bank for the label-free validation signal and the sample grids.
-        self.register_buffer("val_latents", torch.randn(val_size, latent_dim, generator=torch.Generator().manual_seed(1234)))
+        bank, _ = self.generator.latents(val_size, generator=torch.Generator().manual_seed(1234))
+        self.register_buffer("val_latents", bank)
 
     def _set_native_frame(self):
         meta = self.teacher_meta
@@ -149,6 +157,9 @@ class DataFreeDistillation(L.LightningModule):
         return self.student(x)
 
     def setup(self, stage: str):
+        if stage == "fit" and self.trainer.world_size > 1:
+            # Same seed on every process would draw the same latents everywhere: offset by rank.
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
         info = getattr(self.trainer.datamodule, "info", None) if self.trainer else None
         meta = self.teacher_meta
         if info is not None:
@@ -173,8 +184,8 @@ class DataFreeDistillation(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint["dafl"] = self.export_metadata()
 
-    def _latents(self, n: int) -> torch.Tensor:
-        return torch.randn(n, self.hparams.latent_dim, device=self.device)
+    def _latents(self, n: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.generator.latents(n, device=self.device)
 
     def _image_shape(self) -> tuple[int, int, int]:
         meta = self.teacher_meta
@@ -185,7 +196,7 @@ class DataFreeDistillation(L.LightningModule):
             return torch.randn(n, *self._image_shape(), device=self.device)
         if self.replay is not None:
             return self.replay.sample(n)
-        return self.generator.sample(self._latents(n))
+        return self.generator.sample(self._latents(n)[0])
 
     def _held_out_images(self, z: torch.Tensor, chunk: int) -> torch.Tensor:
         """Validation images from the fixed latent bank (or fixed noise for 'gaussian')."""
@@ -210,8 +221,9 @@ class DataFreeDistillation(L.LightningModule):
         opt_g, opt_s = self.optimizers()
         hp = self.hparams
         if hp.schedule == "official":
-            images = self.generator(self._latents(hp.batch_size))
-            g_losses, teacher_logits, _ = self.generator.losses(images, self.teacher, self._gather)
+            z, targets = self._latents(hp.batch_size)
+            images = self.generator(z)
+            g_losses, teacher_logits, _ = self.generator.losses(images, self.teacher, self._gather, targets=targets)
             loss_kd = self.student.loss(images.detach(), teacher_logits)
             self._check_finite({**g_losses, "kd": loss_kd})
             opt_g.zero_grad()
@@ -222,9 +234,10 @@ class DataFreeDistillation(L.LightningModule):
         else:
             g_losses = {}
             for _ in range(hp.generator_steps if hp.synthetic == "generator" else 0):
-                images = self.generator(self._latents(hp.batch_size))
+                z, targets = self._latents(hp.batch_size)
+                images = self.generator(z)
                 student = self.student if hp.adversarial_weight > 0 else None
-                g_losses, _, _ = self.generator.losses(images, self.teacher, self._gather, student)
+                g_losses, _, _ = self.generator.losses(images, self.teacher, self._gather, student, targets)
                 self._check_finite(g_losses)
                 opt_g.zero_grad()
                 self.manual_backward(g_losses["total"])

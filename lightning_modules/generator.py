@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dafl.losses import (BatchNormStatistics, activation_loss, batchnorm_statistics_loss,
@@ -18,8 +19,11 @@ class GeneratorObjective(nn.Module):
 
     def __init__(self, latent_dim: int, image_size: int, channels: int, width: int,
                  one_hot_weight: float, activation_weight: float, entropy_weight: float, entropy_log_base: float,
-                 bn_stat_weight: float, adversarial_weight: float):
+                 bn_stat_weight: float, adversarial_weight: float, num_classes: int = 10, conditional: bool = False):
         super().__init__()
+        if conditional and num_classes > latent_dim:
+            raise ValueError(f"class-conditional generation needs latent_dim >= {num_classes} classes")
+        self.num_classes, self.conditional = num_classes, conditional
         self.net = build_model("generator", latent_dim=latent_dim, image_size=image_size, channels=channels,
                                width=width)
         self.latent_dim = latent_dim
@@ -46,6 +50,18 @@ class GeneratorObjective(nn.Module):
             if not self._bn_hooks.layers:
                 raise ValueError("bn_stat_weight > 0 needs a teacher with BatchNorm layers (e.g. lenet5_bn)")
 
+    def latents(self, n: int, device=None, generator: Optional[torch.Generator] = None
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """z ~ N(0, I); class-conditional: the first `num_classes` entries are replaced by the
+        one-hot code of a balanced list of target classes, which the one-hot loss enforces."""
+        z = torch.randn(n, self.latent_dim, generator=generator).to(device) if generator is not None \
+            else torch.randn(n, self.latent_dim, device=device)
+        if not self.conditional:
+            return z, None
+        targets = torch.arange(n, device=z.device) % self.num_classes
+        z[:, :self.num_classes] = F.one_hot(targets, self.num_classes).to(z.dtype)
+        return z, targets
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self._frame(self.net(z))
 
@@ -68,7 +84,7 @@ class GeneratorObjective(nn.Module):
 
     def losses(self, images: torch.Tensor, teacher: nn.Module,
                gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-               student: Optional[nn.Module] = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+               student: Optional[nn.Module] = None, targets: Optional[torch.Tensor] = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Losses of generated `images` against the frozen teacher.
 
         `gather` all-gathers a tensor over processes (with gradients): the information
@@ -81,7 +97,7 @@ class GeneratorObjective(nn.Module):
         teacher_logits, features = teacher(images, return_features=True)
         if self._bn_hooks is not None:
             self._bn_hooks.recording = False
-        losses = {"oh": one_hot_loss(teacher_logits), "a": activation_loss(features),
+        losses = {"oh": one_hot_loss(teacher_logits, targets), "a": activation_loss(features),
                   "ie": information_entropy_loss(gather(teacher_logits), self.entropy_log_base)}
         if self._bn_hooks is not None:
             losses["bn"] = batchnorm_statistics_loss(self._bn_hooks.pop())

@@ -153,3 +153,13 @@ def test_gaussian_noise_baseline_trains_no_generator(digits_teacher):
     assert any(not torch.equal(a, b) for a, b in zip(student_before, model.student.parameters()))
     with pytest.raises(ConfigError, match="gaussian"):
         DataFreeDistillation(teacher=str(digits_teacher[0]), synthetic="gaussian", schedule="official")
+
+
+def test_class_conditional_latents_are_balanced_and_coded(digits_teacher):
+    model = DataFreeDistillation(teacher=str(digits_teacher[0]), class_conditional=True, **FAST)
+    z, targets = model.generator.latents(30)
+    assert torch.bincount(targets).tolist() == [3] * 10
+    assert torch.equal(z[:, :10], torch.nn.functional.one_hot(targets, 10).float())
+    assert torch.equal(model.val_latents[:, :10].argmax(1)[:10], torch.arange(10))
+    with pytest.raises(ConfigError, match="latent_dim"):
+        DataFreeDistillation(teacher=str(digits_teacher[0]), class_conditional=True, latent_dim=5)

@@ -9,7 +9,8 @@ from conftest import quiet_trainer
 from dafl.data import DataFreeDataModule
 from dafl.datasets import load_split
 from dafl.errors import ConfigError
-from dafl.export import export_classifier, load_student, read_checkpoint
+from dafl import load_student
+from dafl.export import export_classifier, read_checkpoint
 from lightning_modules.data_free import DataFreeDistillation
 
 

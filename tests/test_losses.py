@@ -81,3 +81,10 @@ def test_batchnorm_statistics_records_only_while_recording():
     net(torch.randn(2, 2, 3, 3))
     assert hooks.pop() == []
     hooks.remove()
+
+
+def test_one_hot_loss_with_requested_classes():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    targets = torch.tensor([1, 1])  # the first image was asked to show class 1, the teacher says 0
+    expected = (math.log(1 + math.exp(2)) + math.log(1 + math.exp(-1))) / 2
+    assert one_hot_loss(logits, targets).item() == pytest.approx(expected, rel=1e-6)

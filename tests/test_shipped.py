@@ -1,0 +1,37 @@
+"""Shipped teachers load and reproduce the accuracy their metadata and cards state."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from dafl.data import ImageDataModule
+from dafl.datasets import is_available
+from dafl.weights import load_classifier, read_metadata
+
+CHECKPOINTS = sorted((Path(__file__).resolve().parent.parent / "checkpoints").glob("*.safetensors"))
+
+
+def test_teachers_are_shipped():
+    names = {p.stem for p in CHECKPOINTS}
+    assert {"fashion_mnist_lenet5", "fashion_mnist_lenet5_bn", "mnist5k_lenet5"} <= names
+
+
+@pytest.mark.parametrize("path", CHECKPOINTS, ids=lambda p: p.stem)
+def test_shipped_teacher_reproduces_its_card(path):
+    meta = read_metadata(path)
+    card = path.with_suffix(".md").read_text()
+    assert f"{100 * meta['test_acc']:.2f}%" in card and meta["command"] in card
+    if not is_available(meta["dataset"]):
+        pytest.skip(f"{meta['dataset']} not installed")
+    network, meta = load_classifier(path)
+    data = ImageDataModule(meta["dataset"], input_size=meta["image_size"], batch_size=1000)
+    data.setup("test")
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in data.test_dataloader():
+            images, labels = data.on_after_batch_transfer((images, labels), 0)
+            correct += int((network.eval()(images).argmax(1) == labels).sum())
+            total += len(labels)
+    assert correct / total == pytest.approx(meta["test_acc"], abs=1e-4)
+    if meta["dataset"] == "fashion-mnist":
+        assert meta["test_acc"] >= 0.905
