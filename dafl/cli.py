@@ -51,10 +51,8 @@ class DaflCLI(LightningCLI):
         if started and not config.overwrite and not config.get("ckpt_path"):
             raise ConfigError(f"{run_dir} already holds a run; resume it with --ckpt_path last, replace it with "
                               "--overwrite, or choose another --run_dir")
-        if started and config.overwrite:
-            for part in started:
-                target = run_dir / part
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
+        # Removed only once model and data were built: a bad config loses nothing.
+        self._replaced = started if config.overwrite else []
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / ".write-test").touch()
@@ -67,6 +65,9 @@ class DaflCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         if self.subcommand != "fit":
             return super().instantiate_trainer(**kwargs)
+        for part in self._replaced:
+            target = self.run_dir / part
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
         run_dir = str(self.run_dir)
         data_free = hasattr(self.model, "generator")
         callbacks = list(self.config_init.fit.trainer.get("callbacks") or [])

@@ -90,19 +90,13 @@ class DataFreeDistillation(L.LightningModule):
         shape = {k: self.teacher_meta[k] for k in ("in_channels", "num_classes", "image_size")}
         self.student = StudentObjective(student_arch, **shape, temperature=kd_temperature,
                                         augment_shift=augment_shift, augment_flip=augment_flip)
-        try:
-            self.generator = GeneratorObjective(latent_dim, shape["image_size"], shape["in_channels"], generator_width,
-                                                one_hot_weight, activation_weight, entropy_weight, entropy_log_base,
-                                                bn_stat_weight, adversarial_weight, shape["num_classes"],
-                                                class_conditional)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        self.generator = GeneratorObjective(latent_dim, shape["image_size"], shape["in_channels"], generator_width,
+                                            one_hot_weight, activation_weight, entropy_weight, entropy_log_base,
+                                            bn_stat_weight, adversarial_weight, shape["num_classes"],
+                                            class_conditional)
         if native_padding:
             self._set_native_frame()
-        try:
-            self.generator.attach(self.teacher)
-        except ValueError as e:
-            raise ConfigError(f"{e}; {teacher} is a {self.teacher_meta['arch']}") from None
+        self.generator.attach(self.teacher)
         self.replay = ReplayMemory(replay_size, self._image_shape()) if replay_size else None
         # Fixed latent bank for the label-free validation signal and the sample grids.
         bank, _ = self.generator.latents(val_size, generator=torch.Generator().manual_seed(1234))

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dafl.errors import ConfigError
 from dafl.losses import (BatchNormStatistics, activation_loss, batchnorm_statistics_loss,
                          information_entropy_loss, l1_disagreement, one_hot_loss)
 from dafl.models import build_model
@@ -22,7 +23,7 @@ class GeneratorObjective(nn.Module):
                  bn_stat_weight: float, adversarial_weight: float, num_classes: int = 10, conditional: bool = False):
         super().__init__()
         if conditional and num_classes > latent_dim:
-            raise ValueError(f"class-conditional generation needs latent_dim >= {num_classes} classes")
+            raise ConfigError(f"class-conditional generation needs latent_dim >= {num_classes} classes")
         self.num_classes, self.conditional = num_classes, conditional
         self.net = build_model("generator", latent_dim=latent_dim, image_size=image_size, channels=channels,
                                width=width)
@@ -48,7 +49,7 @@ class GeneratorObjective(nn.Module):
         if self.weights["bn"] > 0 and self._bn_hooks is None:
             self._bn_hooks = BatchNormStatistics(teacher)
             if not self._bn_hooks.layers:
-                raise ValueError("bn_stat_weight > 0 needs a teacher with BatchNorm layers (e.g. lenet5_bn)")
+                raise ConfigError("bn_stat_weight > 0 needs a teacher with BatchNorm layers (e.g. lenet5_bn)")
 
     def latents(self, n: int, device=None, generator: Optional[torch.Generator] = None
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -107,3 +107,12 @@ def test_fit_without_real_test_data_still_trains(run_cli, tmp_path, digits_teach
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Real-data evaluation skipped" in result.stdout
     assert (tmp_path / "run" / "export" / "student.onnx").is_file()
+
+
+def test_overwrite_with_a_bad_config_keeps_the_old_run(run_cli, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"previous run")
+    line = one_line_error(run_cli("fit", "--model.batch_size", "0", "--run_dir", run_dir, "--overwrite"))
+    assert "batch_size" in line
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == b"previous run"
