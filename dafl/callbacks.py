@@ -69,19 +69,11 @@ class TestAccuracyCurve(L.Callback):
             return
         if not getattr(datamodule, "has_test_data", False):
             return
-        correct = total = 0
-        was_training = module.training
-        module.eval()
-        with torch.no_grad():
-            for images, labels in datamodule.test_dataloader():
-                images = datamodule.test_adapter.to(module.device)(images.to(module.device))
-                correct += int((module(images).argmax(1) == labels.to(module.device)).sum())
-                total += len(labels)
-                if total >= self.max_images:
-                    break
-        module.train(was_training)
+        from dafl.data import evaluate_accuracy
+
+        accuracy = evaluate_accuracy(module, datamodule, self.max_images)
         self.points.append({"epoch": epoch, "iterations": epoch * trainer.num_training_batches,
-                            "train_seconds": round(self.train_seconds, 2), "test_acc": correct / total})
+                            "train_seconds": round(self.train_seconds, 2), "test_acc": accuracy})
         if trainer.is_global_zero:
             (Path(trainer.default_root_dir) / "curve.json").write_text(json.dumps(self.points, indent=1))
 

@@ -82,20 +82,14 @@ def _iterations(total: int, per_epoch: int) -> list[str]:
 
 
 def _teacher_row(cfg: dict, out: Path) -> dict:
-    from dafl.data import ImageDataModule
-    import torch
+    from dafl.data import ImageDataModule, evaluate_accuracy
 
     network, meta = load_classifier(cfg["teacher"])
     data = ImageDataModule(cfg["dataset"], input_size=meta["image_size"], batch_size=1000)
     data.setup("test")
-    start, correct, total = time.time(), 0, 0
-    network.eval()
-    with torch.no_grad():
-        for images, labels in data.test_dataloader():
-            images, labels = data.on_after_batch_transfer((images, labels), 0)
-            correct += int((network(images).argmax(1) == labels).sum())
-            total += len(labels)
-    return {"test_acc": correct / total, "arch": meta["arch"], "wall_seconds": time.time() - start, "curve": []}
+    start = time.time()
+    accuracy = evaluate_accuracy(network, data)
+    return {"test_acc": accuracy, "arch": meta["arch"], "wall_seconds": time.time() - start, "curve": []}
 
 
 def _fit_row(row: Row, seed: int, run_dir: Path, device_args: list[str]) -> dict:

@@ -162,3 +162,20 @@ class DataFreeDataModule(L.LightningDataModule):
         if isinstance(batch, (list, tuple)) and len(batch) == 2 and torch.is_tensor(batch[0]):
             return self.adapter.to(batch[0].device)(batch[0]), batch[1]
         return batch
+
+
+@torch.no_grad()
+def evaluate_accuracy(network: torch.nn.Module, datamodule, max_images: Optional[int] = None) -> float:
+    """Top-1 accuracy of `network` on the datamodule's real test split (for reporting)."""
+    device = next(network.parameters()).device
+    was_training = network.training
+    network.eval()
+    correct = total = 0
+    for images, labels in datamodule.test_dataloader():
+        images = datamodule.test_adapter.to(device)(images.to(device))
+        correct += int((network(images).argmax(1) == labels.to(device)).sum())
+        total += len(labels)
+        if max_images is not None and total >= max_images:
+            break
+    network.train(was_training)
+    return correct / total

@@ -28,10 +28,22 @@ def test_print_config_of_the_default(run_cli):
     assert "DataFreeDistillation" in result.stdout and "fashion_mnist_lenet5_bn.safetensors" in result.stdout
 
 
-@pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")))
+FIT_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml") if p.name != "compare.yaml")
+
+
+@pytest.mark.parametrize("config", FIT_CONFIGS)
 def test_every_shipped_config_parses(run_cli, config):
     result = run_cli("fit", "--config", REPO / config, "--print_config")
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").rglob("compare.yaml")), ids=lambda p: p.parent.name)
+def test_compare_configs_name_existing_files(config):
+    import yaml
+
+    cfg = yaml.safe_load(config.read_text())
+    for key in ("teacher", "supervised_config", "official_config", "best_config"):
+        assert (REPO / cfg[key]).is_file(), (key, cfg[key])
 
 
 def test_models_and_datasets_listings(run_cli):

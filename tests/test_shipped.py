@@ -2,9 +2,8 @@
 from pathlib import Path
 
 import pytest
-import torch
 
-from dafl.data import ImageDataModule
+from dafl.data import ImageDataModule, evaluate_accuracy
 from dafl.datasets import is_available
 from dafl.weights import load_classifier, read_metadata
 
@@ -26,12 +25,6 @@ def test_shipped_teacher_reproduces_its_card(path):
     network, meta = load_classifier(path)
     data = ImageDataModule(meta["dataset"], input_size=meta["image_size"], batch_size=1000)
     data.setup("test")
-    correct = total = 0
-    with torch.no_grad():
-        for images, labels in data.test_dataloader():
-            images, labels = data.on_after_batch_transfer((images, labels), 0)
-            correct += int((network.eval()(images).argmax(1) == labels).sum())
-            total += len(labels)
-    assert correct / total == pytest.approx(meta["test_acc"], abs=1e-4)
+    assert evaluate_accuracy(network, data) == pytest.approx(meta["test_acc"], abs=1e-4)
     if meta["dataset"] == "fashion-mnist":
         assert meta["test_acc"] >= 0.905
