@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if command == "fit" and not any(a == "-c" or a.startswith("--config") for a in rest):
                 rest = ["--config", str(resolve(DEFAULT_CONFIG)), *rest]
-            run_lightning_cli([command, *rest])
+            run_lightning_cli([command, *rest], argv)
         elif command == "export":
             export_main(rest)
         elif command == "compare":

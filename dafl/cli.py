@@ -19,10 +19,12 @@ from dafl.errors import ConfigError
 from dafl.export import export_classifier
 
 RUN_PARTS = ("checkpoints", "tensorboard", "samples", "export", "metrics.csv", "hparams.yaml", "config.yaml",
-             "summary.json")
+             "summary.json", "curve.json")
 
 
 class DaflCLI(LightningCLI):
+    user_command = "python -m dafl fit"
+
     def add_arguments_to_parser(self, parser):
         parser.add_argument("--overwrite", action="store_true",
                             help="Replace a finished or started run in trainer.default_root_dir.")
@@ -104,7 +106,7 @@ class DaflCLI(LightningCLI):
         else:
             line = f"Real-data evaluation skipped: {datamodule.missing_reason}"
         meta = {**self.model.export_metadata(), "test_acc": test_acc,
-                "seed": self.config.fit.get("seed_everything"), "command": shlex.join(["python", "-m", "dafl", *sys.argv[1:]])}
+                "seed": self.config.fit.get("seed_everything"), "command": self.user_command}
         prefix = meta["state_prefix"]
         state = {k[len(prefix):]: v for k, v in self.model.state_dict().items() if k.startswith(prefix)}
         config_file = run_dir / "config.yaml"
@@ -118,6 +120,13 @@ class DaflCLI(LightningCLI):
         print(f"Run folder: {run_dir}  (exported model: {export_dir}/, samples and logs beside it)")
 
 
-def run_lightning_cli(args: list[str]) -> None:
-    DaflCLI(args=args, save_config_kwargs={"overwrite": True}, subclass_mode_model=True, subclass_mode_data=True,
-            auto_configure_optimizers=False)
+def run_lightning_cli(args: list[str], user_args: list[str]) -> None:
+    """`args`: what LightningCLI parses (the default config may be added); `user_args`: what
+    the user typed, recorded in model cards."""
+    DaflCLI.user_command = shlex.join(["python", "-m", "dafl", *user_args])
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both argv and args
+    try:
+        DaflCLI(args=args, save_config_kwargs={"overwrite": True}, subclass_mode_model=True, subclass_mode_data=True,
+                auto_configure_optimizers=False)
+    finally:
+        sys.argv = argv

@@ -17,6 +17,17 @@ from dafl.models import build_model
 from dafl.weights import load_classifier
 
 
+def check_optimizer(factory: Optional[OptimizerCallable], name: str) -> Optional[OptimizerCallable]:
+    """Build the optimizer once on a dummy parameter so bad settings (lr <= 0, ...) fail
+    before anything is trained or written."""
+    if factory is not None:
+        try:
+            factory([torch.nn.Parameter(torch.zeros(1))])
+        except ValueError as e:  # torch's own checks: "Invalid learning rate: -0.1", ...
+            raise ConfigError(f"{name}: {e}") from None
+    return factory
+
+
 def build_scheduler(kind: str, optimizer: torch.optim.Optimizer, total_steps: int):
     """'none', 'cosine' (to zero over the run) or 'onecycle' (peak at the optimizer's lr)."""
     if kind == "none":
@@ -43,7 +54,7 @@ class ClassifierModule(L.LightningModule):
         if kd_temperature <= 0 or not 0 <= kd_weight <= 1:
             raise ConfigError("kd_temperature must be > 0 and kd_weight in [0, 1]")
         self.save_hyperparameters(ignore=["optimizer"])
-        self.optimizer_factory = optimizer
+        self.optimizer_factory = check_optimizer(optimizer, "optimizer")
         self.net = build_model(arch, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
         self.teacher = None
         if teacher is not None:

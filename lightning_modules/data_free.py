@@ -20,6 +20,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from dafl.distributed import gather_with_grad
 from dafl.errors import ConfigError
 from dafl.weights import load_classifier
+from lightning_modules.classifier import check_optimizer
 from lightning_modules.generator import GeneratorObjective
 from lightning_modules.student import ReplayMemory, StudentObjective
 
@@ -82,8 +83,8 @@ class DataFreeDistillation(L.LightningModule):
         self.save_hyperparameters(ignore=["generator_optimizer", "student_optimizer"])
         self.automatic_optimization = False
         self._validate_hparams()
-        self.generator_optimizer_factory = generator_optimizer
-        self.student_optimizer_factory = student_optimizer
+        self.generator_optimizer_factory = check_optimizer(generator_optimizer, "generator_optimizer")
+        self.student_optimizer_factory = check_optimizer(student_optimizer, "student_optimizer")
 
         self.teacher, self.teacher_meta = load_classifier(teacher, arch=teacher_arch)
         self.teacher.eval().requires_grad_(False)

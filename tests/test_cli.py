@@ -77,6 +77,18 @@ def test_bad_hyperparameters(run_cli, tmp_path, flag, value, message):
     assert message in one_line_error(run_cli("fit", flag, value, "--run_dir", tmp_path / "r"))
 
 
+def test_non_positive_learning_rate(run_cli, tmp_path):
+    line = one_line_error(run_cli("fit", "--model.student_optimizer.init_args.lr", "-0.1", "--run_dir", tmp_path / "r"))
+    assert "Invalid learning rate" in line
+
+
+def test_unwritable_run_folder(run_cli, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "cannot write to run folder" in one_line_error(run_cli("fit", "--run_dir", blocker / "run"))
+    assert blocker.read_text() == "x"
+
+
 def test_class_count_mismatch_between_teacher_and_data(run_cli, tmp_path, digits_teacher):
     # A 10-class digits teacher with a 100-class evaluation dataset.
     line = one_line_error(run_cli("fit", "--model.teacher", digits_teacher[0], "--data.eval_dataset", "cifar100",
