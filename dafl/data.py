@@ -34,8 +34,9 @@ def stratified_holdout(labels: torch.Tensor, size: int, seed: int) -> torch.Tens
 
 
 def random_shift_flip(x: torch.Tensor, shift: int, flip: bool) -> torch.Tensor:
-    """Batch augmentation on normalised tensors: random translation by up to `shift` pixels
-    (zero padding, as CIFAR's random crop) and optional horizontal flips."""
+    """Batch augmentation on normalised tensors: one random translation of up to `shift`
+    pixels for the whole batch (cheap; padding is 0 in the normalised space, i.e. the mean
+    pixel) and, optionally, a horizontal flip of a random half of the images."""
     if shift:
         n, _, h, w = x.shape
         padded = torch.nn.functional.pad(x, [shift] * 4)

@@ -85,7 +85,8 @@ class GeneratorObjective(nn.Module):
 
     def losses(self, images: torch.Tensor, teacher: nn.Module,
                gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-               student: Optional[nn.Module] = None, targets: Optional[torch.Tensor] = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+               student: Optional[nn.Module] = None, targets: Optional[torch.Tensor] = None
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Losses of generated `images` against the frozen teacher.
 
         `gather` all-gathers a tensor over processes (with gradients): the information
