@@ -100,6 +100,9 @@ def report(args) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(HERE / "accuracy.png", dpi=100)
+    notes = HERE / "accuracy_notes.md"  # hand-written remarks on runs the table cannot show
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
     (HERE / "accuracy.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
