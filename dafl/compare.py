@@ -209,7 +209,8 @@ def write_outputs(rows, results, cfg, teacher_meta, out: Path, opts) -> None:
     lines = [f"# dafl compare: {cfg['dataset']}, teacher {teacher_meta['arch']}, student {cfg['student_arch']}", "",
              f"Budget `{opts.budget}`, {opts.seeds} seed(s) per row; last-epoch test accuracy on the real test set "
              "(no selection on test data). FLOPs: forward, per image, torch.utils.flop_counter (multiply-add = 2).",
-             f"Command: `python -m dafl compare --config {opts.config} --budget {opts.budget} --seeds {opts.seeds}`", "",
+             f"Command: `python -m dafl compare --config {opts.config} --budget {opts.budget} --seeds {opts.seeds}"
+             + (f" --rows {opts.rows}`" if opts.rows else "`"), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in table:
         lines.append("| " + " | ".join(f"{v:,}" if isinstance(v, int) else str(v) for v in entry.values()) + " |")
