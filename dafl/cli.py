@@ -49,6 +49,8 @@ class DaflCLI(LightningCLI):
             return
         run_dir = self._run_dir()
         config = self.config.fit
+        if config.checkpoint_minutes <= 0:
+            raise ConfigError(f"--checkpoint_minutes must be positive, got {config.checkpoint_minutes}")
         started = [p for p in RUN_PARTS if (run_dir / p).exists()]
         if started and not config.overwrite and not config.get("ckpt_path"):
             raise ConfigError(f"{run_dir} already holds a run; resume it with --ckpt_path last, replace it with "
@@ -76,10 +78,7 @@ class DaflCLI(LightningCLI):
         callbacks.append(ModelCheckpoint(dirpath=f"{run_dir}/checkpoints", filename="best",
                                          monitor="val/agreement" if data_free else "val/acc", mode="max",
                                          save_last=True, save_top_k=1))
-        minutes = self.config.fit.checkpoint_minutes
-        if minutes <= 0:
-            raise ConfigError(f"--checkpoint_minutes must be positive, got {minutes}")
-        callbacks.append(IntervalCheckpoint(f"{run_dir}/checkpoints/last.ckpt", minutes))
+        callbacks.append(IntervalCheckpoint(f"{run_dir}/checkpoints/last.ckpt", self.config.fit.checkpoint_minutes))
         if data_free:
             callbacks.append(SampleGrid())
         loggers = [CSVLogger(run_dir, name="", version=""), TensorBoardLogger(run_dir, name="tensorboard", version="")]

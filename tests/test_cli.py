@@ -140,3 +140,14 @@ def test_overwrite_with_a_bad_config_keeps_the_old_run(run_cli, tmp_path):
     line = one_line_error(run_cli("fit", "--model.batch_size", "0", "--run_dir", run_dir, "--overwrite"))
     assert "batch_size" in line
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == b"previous run"
+    line = one_line_error(run_cli("fit", "--checkpoint_minutes", "0", "--run_dir", run_dir, "--overwrite"))
+    assert "checkpoint_minutes" in line
+
+
+def test_bad_checkpoint_interval_keeps_the_old_run(run_cli, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"previous run")
+    line = one_line_error(run_cli("fit", "--checkpoint_minutes", "0", "--run_dir", run_dir, "--overwrite"))
+    assert "checkpoint_minutes" in line
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == b"previous run"
