@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Metadata keys whose values are JSON (safetensors metadata is str -> str).
 JSON_KEYS = {"num_classes", "in_channels", "image_size", "native_size", "mean", "std", "class_names", "test_acc",
-             "seed", "parameters", "flops", "teacher_test_acc"}
+             "seed", "parameters", "flops", "teacher_test_acc", "classes", "class_lists", "depth"}
 
 
 def atomic_write(path: Path, write) -> None:
@@ -110,7 +110,16 @@ def load_classifier(path: str | Path, arch: Optional[str] = None, num_classes: O
     shape = {k: meta.get(k, v) for k, v in shape.items()}
     shape = {"num_classes": shape["num_classes"] or 10, "in_channels": shape["in_channels"] or 1,
              "image_size": shape["image_size"] or 32}
-    network = build_model(arch, **shape)
+    if arch == "zipit":  # a merged multi-task teacher (dafl.zipit): its structure is in the metadata
+        from dafl.zipit import ZippedClassifier
+
+        missing_keys = [k for k in ("base_arch", "class_lists", "depth") if k not in meta]
+        if missing_keys:
+            raise ConfigError(f"{path} is a zipit model without {', '.join(missing_keys)} in its metadata")
+        network = ZippedClassifier(meta["base_arch"], meta["class_lists"], meta["depth"], shape["in_channels"],
+                                   shape["num_classes"], shape["image_size"])
+    else:
+        network = build_model(arch, **shape)
     expected = network.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

@@ -1,0 +1,183 @@
+"""ZipIt merging: exactness on identical and permuted models, the merge formula on
+hand-made matrices, matching rules, partial zip, BatchNorm reset, save/load."""
+import pytest
+import torch
+
+from dafl.models import build_model
+from dafl.zipit import (ZippedClassifier, build_zipped, feature_correlations, groups_to_matrices, max_depth,
+                        merge_spec, merge_state, merge_tensor, permutation_match, reset_batchnorm, zip_match)
+
+ARCHS = ["lenet5", "lenet5_bn", "resnet18"]
+
+
+def _model(arch: str, seed: int, num_classes: int = 5) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    channels = 3 if arch.startswith("resnet") else 1
+    net = build_model(arch, in_channels=channels, num_classes=num_classes)
+    for bn in net.modules():  # running statistics that are not the identity
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def _images(arch: str, seed: int = 1) -> torch.Tensor:
+    # Enough samples per feature for a full-rank correlation in every space (ResNet's conv
+    # pixels are samples too; its last stage sees 4x4 pixels per image).
+    n, channels = (80, 3) if arch.startswith("resnet") else (384, 1)
+    return torch.randn(n, channels, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _permuted_copy(net: torch.nn.Module, arch: str, seed: int) -> tuple[torch.nn.Module, dict]:
+    """The same function with every hidden feature space shuffled."""
+    generator = torch.Generator().manual_seed(seed)
+    spec = merge_spec(net)
+    perms = {s: torch.eye(c)[torch.randperm(c, generator=generator)] for s, c in spec.channels.items()}
+    state = merge_state([net], {s: (p, p.T) for s, p in perms.items()}, depth=max_depth(net))
+    head = {k: v for k, v in net.state_dict().items() if k not in state}
+    for key, (out_space, in_space, repeat) in spec.params.items():
+        if out_space is None:  # the head: inputs permuted, outputs (classes) not
+            head[key] = merge_tensor([net.state_dict()[key]], torch.eye(net.state_dict()[key].shape[0]),
+                                     perms[in_space].T if in_space else None, repeat)
+    copy = build_model(arch, in_channels=next(net.parameters()).shape[1], num_classes=5)
+    copy.load_state_dict({**state, **head})
+    return copy.eval(), perms
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_zip_of_a_model_with_itself_is_the_model(arch):
+    a = _model(arch, 0)
+    x = _images(arch)
+    correlations = feature_correlations([a, a], [x])
+    expected = a(x)
+    for depth in range(max_depth(a) + 1):
+        zipped = build_zipped([a, a], [list(range(5))] * 2, arch, depth, "zipit", correlations,
+                              in_channels=x.shape[1]).eval()
+        heads, _ = zipped.head_logits(x)
+        for logits in heads:
+            torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["zipit", "permutation"])
+def test_a_permuted_copy_is_matched_back_exactly(arch, method):
+    a = _model(arch, 0)
+    b, perms = _permuted_copy(a, arch, seed=3)
+    x = _images(arch)
+    torch.testing.assert_close(b(x), a(x), atol=1e-4, rtol=1e-4)  # the copy computes the same function
+    correlations = feature_correlations([a, b], [x])
+    for space, perm in perms.items():
+        match = zip_match if method == "zipit" else permutation_match
+        merge, unmerge = match(correlations[space], 2)
+        size = perm.shape[0]
+        corr = correlations[space]
+        # Dead units (zero on every image) correlate 1 with each other and may pair in any
+        # order; every live feature i of A must pair with the feature of B it became.
+        dead = {i for i in range(size) if any(corr[i, j] == 1 for j in range(size) if j != i)}
+        pairs = {tuple(unmerge[:, g].nonzero().flatten().tolist()) for g in range(size)}
+        expected = {(i, size + int(perm[:, i].argmax())) for i in range(size) if i not in dead}
+        assert len(dead) < size // 2 and expected <= pairs, space
+    zipped = build_zipped([a, b], [list(range(5))] * 2, arch, max_depth(a), method, correlations,
+                          in_channels=x.shape[1]).eval()
+    for logits in zipped.head_logits(x)[0]:
+        torch.testing.assert_close(logits, a(x), atol=1e-4, rtol=1e-4)
+
+
+def test_weight_averaging_is_not_exact_on_a_permuted_copy():
+    """The permutation test above can fail: averaging feature i with feature i is wrong."""
+    a = _model("lenet5", 0)
+    b, _ = _permuted_copy(a, "lenet5", seed=3)
+    x = _images("lenet5")
+    zipped = build_zipped([a, b], [list(range(5))] * 2, "lenet5", max_depth(a), "average",
+                          feature_correlations([a, b], [x])).eval()
+    assert (zipped.head_logits(x)[0][0] - a(x)).abs().max() > 1e-2
+
+
+def test_merged_weights_follow_the_formula_on_hand_made_matrices():
+    w_a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    w_b = torch.tensor([[5.0, 6.0], [7.0, 8.0]])
+    # Groups: {A0, B1} and {A1, B0}, so M averages those pairs and U copies them back.
+    merge, unmerge = groups_to_matrices([[0, 3], [1, 2]], 4)
+    assert merge.tolist() == [[0.5, 0.0, 0.0, 0.5], [0.0, 0.5, 0.5, 0.0]]
+    assert unmerge.tolist() == [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]
+    merged = merge_tensor([w_a, w_b], merge, unmerge)
+    # Row 0 = (A row 0 + B row 1) / 2, columns mapped the same way: merged input 0 is
+    # A's input 0 and B's input 1.  A: [[1, 2]] -> [1, 2]; B row 1 [7, 8] -> [8, 7].
+    # Row 1 = (A row 1 [3, 4] + B row 0 [5, 6] -> [6, 5]) / 2.
+    assert merged.tolist() == [[4.5, 4.5], [4.5, 4.5]]
+    # Conv weights: the same on channel axes, kernels untouched.
+    k_a, k_b = torch.arange(8.0).view(2, 2, 1, 2), 10 + torch.arange(8.0).view(2, 2, 1, 2)
+    merged = merge_tensor([k_a, k_b], merge, unmerge)
+    expected = sum(m @ k.flatten(2).transpose(0, 2) @ u for m, k, u in
+                   zip(merge.chunk(2, 1), (k_a, k_b), unmerge.chunk(2, 0)))  # per kernel tap
+    torch.testing.assert_close(merged, expected.transpose(0, 2).reshape(2, 2, 1, 2))
+    # A bias (no input axis): M_A b_A + M_B b_B = [(1 + 4) / 2, (2 + 3) / 2].
+    assert merge_tensor([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])], merge, None).tolist() == [2.5, 2.5]
+
+
+def test_zip_match_merges_within_models_only_within_budget():
+    # Features A0, A1 (model 0) and B0, B1 (model 1). A0~A1 is the strongest pair.
+    corr = torch.tensor([[1.0, 0.9, 0.5, 0.1],
+                         [0.9, 1.0, 0.2, 0.6],
+                         [0.5, 0.2, 1.0, 0.3],
+                         [0.1, 0.6, 0.3, 1.0]], dtype=torch.float64)
+    _, no_budget = zip_match(corr, 2, alpha=0.3, beta=0.0)
+    groups = sorted(tuple(no_budget[:, g].nonzero().flatten().tolist()) for g in range(2))
+    assert groups == [(0, 2), (1, 3)]  # cross-model only: A1-B1 (0.6), then A0-B0 (0.5)
+    _, budget = zip_match(corr, 2, alpha=0.3, beta=2.0)
+    groups = sorted(tuple(budget[:, g].nonzero().flatten().tolist()) for g in range(2))
+    assert groups == [(0, 1), (2, 3)]  # within-model allowed: A0-A1 (0.9) first
+
+
+def test_partial_zip_at_depth_zero_is_the_calibrated_ensemble():
+    a, b = _model("lenet5_bn", 0), _model("lenet5_bn", 1)
+    x = _images("lenet5_bn")
+    zipped = build_zipped([a, b], [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], "lenet5_bn", 0).eval()
+    zipped.calibrate_heads([x])
+    out_a, out_b = a(x), b(x)
+    expected = torch.cat([(out_a - out_a.mean()) / out_a.std(unbiased=False),
+                          (out_b - out_b.mean()) / out_b.std(unbiased=False)], dim=1)
+    torch.testing.assert_close(zipped(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_batchnorm_reset_uses_the_merge_images():
+    a, b = _model("lenet5_bn", 0), _model("lenet5_bn", 1)
+    x = _images("lenet5_bn")
+    zipped = build_zipped([a, b], [list(range(5)), list(range(5, 10))], "lenet5_bn", 2, "zipit",
+                          feature_correlations([a, b], [x])).eval()
+    assert reset_batchnorm(zipped, x.split(128)) > 0
+    first_bn = zipped.trunk[0][1]
+    pre_bn = zipped.trunk[0][0](x)
+    torch.testing.assert_close(first_bn.running_mean, pre_bn.mean(dim=(0, 2, 3)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(first_bn.running_var, pre_bn.var(dim=(0, 2, 3)), atol=1e-3, rtol=1e-3)
+    assert not zipped.training and not first_bn.training
+
+
+def test_three_models_zip_back_to_one():
+    # alpha < 1 makes a merged pair reluctant to take a third member (ZipIt's rule), so a
+    # third copy could end up elsewhere; with alpha = 1 and no within-model merges every
+    # feature's three copies, correlated exactly 1, must form one group.
+    a = _model("lenet5", 0)
+    x = _images("lenet5")
+    zipped = build_zipped([a, a, a], [list(range(5))] * 3, "lenet5", max_depth(a), "zipit",
+                          feature_correlations([a, a, a], [x]), alpha=1.0, beta=0.0).eval()
+    for logits in zipped.head_logits(x)[0]:
+        torch.testing.assert_close(logits, a(x), atol=1e-4, rtol=1e-4)
+
+
+def test_zipped_model_round_trips_through_safetensors(tmp_path):
+    from dafl.weights import load_classifier, save_classifier
+
+    a, b = _model("lenet5_bn", 0), _model("lenet5_bn", 1)
+    x = _images("lenet5_bn")
+    zipped = build_zipped([a, b], [list(range(5)), list(range(5, 10))], "lenet5_bn", 3, "zipit",
+                          feature_correlations([a, b], [x])).eval()
+    zipped.calibrate_heads([x])
+    meta = {"arch": "zipit", "base_arch": "lenet5_bn", "class_lists": zipped.class_lists, "depth": 3,
+            "num_classes": 10, "in_channels": 1, "image_size": 32}
+    save_classifier(tmp_path / "merged.safetensors", zipped, meta)
+    loaded, loaded_meta = load_classifier(tmp_path / "merged.safetensors")
+    assert isinstance(loaded, ZippedClassifier) and loaded_meta["num_classes"] == 10
+    torch.testing.assert_close(loaded.eval()(x), zipped(x))
+    logits, features = loaded(x, return_features=True)
+    assert logits.shape == (len(x), 10) and features.shape[0] == len(x)
