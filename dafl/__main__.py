@@ -4,6 +4,7 @@
              with no --config it runs configs/default.yaml (data-free, shipped teacher)
   validate   / test: LightningCLI's, same configs
   compare    the DAFL paper's comparison table for one teacher / student / dataset
+  zip        merge teachers trained on different classes (ZipIt!), with real or generated images
   export     export a trained student (safetensors, ONNX, .pt2, model card)
   models     list registered architectures
   datasets   list registered datasets and whether they are installed
@@ -93,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             from dafl.compare import compare_main
 
             compare_main(rest)
+        elif command == "zip":
+            from dafl.merging import zip_main
+
+            zip_main(rest)
         elif command == "models":
             models_main(rest)
         elif command == "datasets":

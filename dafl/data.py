@@ -9,7 +9,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from dafl.datasets import INFOS, DatasetInfo, InputAdapter, Split, dataset_info, load_split
+from dafl.datasets import (INFOS, DatasetInfo, InputAdapter, Split, dataset_info, load_split, select_classes,
+                           subset_info)
 from dafl.errors import ConfigError
 
 
@@ -54,9 +55,12 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(self, dataset: str = "fashion-mnist", root: Optional[str] = None, input_size: int = 32,
                  batch_size: int = 128, val_size: Optional[int] = None, num_workers: int = 0, split_seed: int = 0,
-                 augment_shift: int = 0, augment_flip: bool = False, test_dataset: Optional[str] = None):
+                 augment_shift: int = 0, augment_flip: bool = False, test_dataset: Optional[str] = None,
+                 classes: Optional[list[int]] = None):
         """`test_dataset`: evaluate on another dataset's test split (KD with alternative data:
-        train on `dataset`'s images, test on the teacher's task)."""
+        train on `dataset`'s images, test on the teacher's task). `classes`: train and test
+        on these classes only (original indices), relabelled 0, 1, ... in the order given
+        (teachers of different tasks, for ZipIt merging)."""
         super().__init__()
         _check_positive(batch_size=batch_size, input_size=input_size)
         if val_size is not None and val_size < 0:
@@ -74,12 +78,20 @@ class ImageDataModule(L.LightningDataModule):
             self.adapter = InputAdapter(self.info.size, input_size, test_info.mean, test_info.std)
             self.test_adapter = InputAdapter.for_dataset(test_info, input_size)
             self.info = test_info
+        if classes is not None:
+            if test_dataset is not None:
+                raise ConfigError("classes and test_dataset cannot be combined")
+            self.info = subset_info(self.info, classes)
         self.train_set = self.val_set = self.test_set = None
+
+    def _load(self, name: str, split: str, root: Optional[str]) -> Split:
+        data = load_split(name, split, root)
+        return select_classes(data, self.hparams.classes) if self.hparams.classes is not None else data
 
     def setup(self, stage: Optional[str] = None):
         hp = self.hparams
         if stage in (None, "fit", "validate") and self.train_set is None:
-            train = load_split(hp.dataset, "train", hp.root)
+            train = self._load(hp.dataset, "train", hp.root)
             # Default validation hold-out: 10% of the training split, at most 5,000 images.
             val_size = min(5000, len(train.labels) // 10) if hp.val_size is None else hp.val_size
             if val_size >= len(train.labels):
@@ -88,7 +100,7 @@ class ImageDataModule(L.LightningDataModule):
             self.train_set = TensorDataset(train.images[~held_out], train.labels[~held_out])
             self.val_set = TensorDataset(train.images[held_out], train.labels[held_out])
         if stage in (None, "test") and self.test_set is None:
-            test = load_split(hp.test_dataset or hp.dataset, "test", None if hp.test_dataset else hp.root)
+            test = self._load(hp.test_dataset or hp.dataset, "test", None if hp.test_dataset else hp.root)
             self.test_set = TensorDataset(test.images, test.labels)
 
     @property

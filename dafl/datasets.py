@@ -11,7 +11,7 @@ import gzip
 import importlib.util
 import os
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -37,6 +37,7 @@ class DatasetInfo:
     mean: list[float]
     std: list[float]
     class_names: list[str] = field(default_factory=list)
+    classes: Optional[list[int]] = None  # a class subset: the original indices of labels 0, 1, ...
 
 
 @dataclass
@@ -67,6 +68,23 @@ def load_split(name: str, split: str, root: Optional[str] = None) -> Split:
     if split not in ("train", "test"):
         raise ConfigError(f"unknown split {split!r}; use 'train' or 'test'")
     return DATASETS[name](split, root)
+
+
+def subset_info(info: DatasetInfo, classes: list[int]) -> DatasetInfo:
+    """`info` restricted to `classes` (original indices), relabelled 0..len(classes)-1."""
+    if not classes or len(set(classes)) != len(classes) or not all(0 <= c < info.num_classes for c in classes):
+        raise ConfigError(f"classes must be distinct indices in 0..{info.num_classes - 1}, got {classes}")
+    names = [info.class_names[c] for c in classes] if info.class_names else []
+    return replace(info, num_classes=len(classes), class_names=names, classes=list(classes))
+
+
+def select_classes(split: Split, classes: list[int]) -> Split:
+    """The images of `classes` only, labels renumbered in the order given."""
+    info = subset_info(split.info, classes)
+    keep = torch.isin(split.labels, torch.tensor(classes))
+    relabel = torch.full((split.info.num_classes,), -1, dtype=torch.long)
+    relabel[torch.tensor(classes)] = torch.arange(len(classes))
+    return Split(split.images[keep], relabel[split.labels[keep]], info)
 
 
 def dataset_info(name: str, root: Optional[str] = None) -> DatasetInfo:

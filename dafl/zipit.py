@@ -12,10 +12,12 @@ classes into one multi-task model, without training (DESIGN.md section 7).
    kept as its own tail, fed U^k h; depth 0 is the ensemble.
 5. `reset_batchnorm` recomputes BatchNorm statistics of the merged layers on the images.
 
-Head calibration: heads trained apart have unrelated logit scales, so each head's logits
-are standardised (zero mean, unit variance over all its logits on the merge images)
-before they are placed at their global class indices; overlapping classes are averaged.
-The 10-way softmax then compares the heads on one scale (`calibrate_heads`).
+Head calibration: heads trained apart have unrelated logit scales. Each head's logits get
+a scale and a shift (`calibrate_heads`), fitted on the unlabeled merge images: first
+standardised (zero mean, unit variance per head), then tuned to maximise the mutual
+information between image and predicted class (confident predictions, balanced classes).
+Calibrated logits are placed at their global class indices (overlapping classes averaged)
+and one softmax over all classes compares the heads.
 """
 from __future__ import annotations
 
@@ -370,8 +372,8 @@ class ZippedClassifier(nn.Module):
         self.cut_space = spec.block_space[depth - 1] if depth else None
         width = spec.channels[self.cut_space] if depth else 1
         self.register_buffer("unmerge", torch.stack([torch.eye(width)] * len(class_lists)))
-        self.register_buffer("logit_mean", torch.zeros(len(class_lists)))
-        self.register_buffer("logit_std", torch.ones(len(class_lists)))
+        self.register_buffer("head_scale", torch.ones(len(class_lists)))
+        self.register_buffer("head_shift", torch.zeros(len(class_lists)))
         index = torch.zeros(len(class_lists), self.num_classes)
         for k, classes in enumerate(class_lists):
             index[k, classes] = 1.0
@@ -398,8 +400,7 @@ class ZippedClassifier(nn.Module):
         heads, features = self.head_logits(x)
         total = x.new_zeros(x.shape[0], self.num_classes)
         for k, (logits, classes) in enumerate(zip(heads, self.class_lists)):
-            calibrated = (logits - self.logit_mean[k]) / self.logit_std[k]
-            total[:, classes] += calibrated
+            total[:, classes] += logits * self.head_scale[k] + self.head_shift[k]
         total = total / self.placement.sum(0).clamp_min(1)
         return (total, torch.cat(features, 1)) if return_features else total
 
@@ -407,22 +408,44 @@ class ZippedClassifier(nn.Module):
         """U (nC x C) of the cut space, split per model."""
         self.unmerge.copy_(torch.stack(unmerge.chunk(len(self.tails), dim=0)))
 
-    @torch.no_grad()
-    def calibrate_heads(self, batches) -> None:
-        """Per-head logit mean and standard deviation over the merge images."""
+    def calibrate_heads(self, batches, steps: int = 200) -> dict[str, float]:
+        """Fit each head's logit scale and shift on unlabeled images (no labels): start from
+        standardised logits (zero mean, unit variance per head), then maximise the mutual
+        information between image and predicted class, H(mean p) - mean H(p): predictions
+        confident, classes balanced. Only the heads' relative placement is learnt (2 numbers
+        per head), so the tasks' own decisions are untouched. Returns the information before
+        and after (nats)."""
         was = self.training
         self.eval()
-        sums = None
-        for images in batches:
-            heads, _ = self.head_logits(images)
-            stats = torch.stack([torch.stack([h.sum(), h.pow(2).sum(), torch.tensor(float(h.numel()))])
-                                 for h in heads]).double()
-            sums = stats if sums is None else sums + stats
-        mean = sums[:, 0] / sums[:, 2]
-        std = (sums[:, 1] / sums[:, 2] - mean ** 2).clamp_min(1e-12).sqrt()
-        self.logit_mean.copy_(mean.float())
-        self.logit_std.copy_(std.float())
+        with torch.no_grad():
+            heads = [torch.cat(parts) for parts in zip(*(self.head_logits(images)[0] for images in batches))]
+        mean = torch.stack([h.mean() for h in heads])
+        std = torch.stack([h.std(unbiased=False).clamp_min(1e-6) for h in heads])
+        log_scale = torch.zeros(len(heads), requires_grad=True)
+        shift = torch.zeros(len(heads), requires_grad=True)
+
+        def information() -> torch.Tensor:
+            scale = (log_scale.exp() / std)
+            total = heads[0].new_zeros(heads[0].shape[0], self.num_classes)
+            for k, (h, classes) in enumerate(zip(heads, self.class_lists)):
+                total[:, classes] += (h - mean[k]) * scale[k] + shift[k] - shift[0]
+            probs = (total / self.placement.sum(0).clamp_min(1)).softmax(1)
+            mean_probs = probs.mean(0)
+            return -(mean_probs * mean_probs.clamp_min(1e-12).log()).sum() + (
+                probs * probs.clamp_min(1e-12).log()).sum(1).mean()
+
+        before = float(information())
+        optimizer = torch.optim.Adam([log_scale, shift], lr=0.05)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            (-information()).backward()
+            optimizer.step()
+        with torch.no_grad():
+            scale = log_scale.exp() / std
+            self.head_scale.copy_(scale)
+            self.head_shift.copy_(-mean * scale + shift - shift[0])
         self.train(was)
+        return {"information_before": before, "information_after": float(information())}
 
 
 def build_zipped(models: list[nn.Module], class_lists: list[list[int]], base_arch: str, depth: int,

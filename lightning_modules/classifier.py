@@ -75,7 +75,7 @@ class ClassifierModule(L.LightningModule):
                 raise ConfigError(f"dataset {info.name} has {info.num_classes} classes and {info.channels} channels, "
                                   f"the model {hp.num_classes} and {hp.in_channels}")
             self.data_meta = {"dataset": info.name, "native_size": info.size, "mean": info.mean, "std": info.std,
-                              "class_names": info.class_names}
+                              "class_names": info.class_names, "classes": info.classes}
 
     def export_metadata(self) -> dict:
         hp = self.hparams
@@ -91,7 +91,7 @@ class ClassifierModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         meta = checkpoint.get("dafl", {})
         if "native_size" in meta:
-            self.data_meta = {k: meta.get(k) for k in ("dataset", "native_size", "mean", "std", "class_names")}
+            self.data_meta = {k: meta.get(k) for k in ("dataset", "native_size", "mean", "std", "class_names", "classes")}
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -51,6 +51,12 @@ class GeneratorObjective(nn.Module):
             if not self._bn_hooks.layers:
                 raise ConfigError("bn_stat_weight > 0 needs a teacher with BatchNorm layers (e.g. lenet5_bn)")
 
+    def detach_hooks(self) -> None:
+        """Remove the hooks from the teacher (once this generator is done with it)."""
+        if self._bn_hooks is not None:
+            self._bn_hooks.remove()
+            self._bn_hooks = None
+
     def latents(self, n: int, device=None, generator: Optional[torch.Generator] = None
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """z ~ N(0, I); class-conditional: the first `num_classes` entries are replaced by the
@@ -108,3 +114,28 @@ class GeneratorObjective(nn.Module):
             losses["adv"] = -l1_disagreement(student(images), teacher_logits)
         losses["total"] = sum(w[k] * v for k, v in losses.items())
         return losses, teacher_logits, features
+
+
+def fit_generator(teacher: nn.Module, meta: dict, iterations: int, batch_size: int = 256, width: int = 32,
+                  lr: float = 1e-3, one_hot_weight: float = 1.0, entropy_weight: float = 5.0,
+                  bn_stat_weight: float = 1.0, progress: Optional[str] = None) -> GeneratorObjective:
+    """Train a generator alone against a frozen `teacher` (no student): the images a
+    teacher finds meaningful, e.g. for data-free ZipIt merging. BN-statistics matching is
+    used when the teacher has BatchNorm layers."""
+    from tqdm import tqdm
+
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules())
+    objective = GeneratorObjective(100, meta["image_size"], meta["in_channels"], width, one_hot_weight, 0.0,
+                                   entropy_weight, 10.0, bn_stat_weight if has_bn else 0.0, 0.0,
+                                   meta["num_classes"])
+    teacher.eval().requires_grad_(False)
+    objective.attach(teacher)
+    optimizer = torch.optim.Adam(objective.parameters(), lr=lr, betas=(0.5, 0.999))
+    for _ in tqdm(range(iterations), desc=progress or "generator", disable=progress is None, leave=False):
+        z, _ = objective.latents(batch_size)
+        losses, _, _ = objective.losses(objective(z), teacher)
+        optimizer.zero_grad()
+        losses["total"].backward()
+        optimizer.step()
+    objective.detach_hooks()
+    return objective

@@ -50,6 +50,26 @@ def test_image_datamodule_split_sizes_and_normalisation():
     assert counts.min() >= 9 and counts.max() <= 11
 
 
+def test_class_subset_keeps_only_those_classes_relabelled_in_order():
+    full = load_split("digits", "test")
+    dm = ImageDataModule("digits", val_size=20, batch_size=32, classes=[7, 2, 5])
+    dm.setup("fit")
+    dm.setup("test")
+    assert dm.info.num_classes == 3 and dm.info.classes == [7, 2, 5] and dm.info.class_names == ["7", "2", "5"]
+    labels = dm.test_set.tensors[1]
+    assert sorted(labels.unique().tolist()) == [0, 1, 2]
+    # label 0 is digit 7: the same images, in the same order, as the full split's sevens
+    assert torch.equal(dm.test_set.tensors[0][labels == 0], full.images[full.labels == 7])
+    assert len(labels) == int(torch.isin(full.labels, torch.tensor([7, 2, 5])).sum())
+    assert set(dm.train_set.tensors[1].unique().tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("classes", [[], [3, 3], [10], [-1]])
+def test_bad_class_subsets_are_one_line_errors(classes):
+    with pytest.raises(ConfigError, match="classes must be distinct"):
+        ImageDataModule("digits", classes=classes)
+
+
 def test_stratified_holdout_size_and_determinism():
     labels = torch.arange(103) % 3
     a, b = stratified_holdout(labels, 30, seed=1), stratified_holdout(labels, 30, seed=1)

@@ -134,10 +134,27 @@ def test_partial_zip_at_depth_zero_is_the_calibrated_ensemble():
     x = _images("lenet5_bn")
     zipped = build_zipped([a, b], [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], "lenet5_bn", 0).eval()
     zipped.calibrate_heads([x])
-    out_a, out_b = a(x), b(x)
-    expected = torch.cat([(out_a - out_a.mean()) / out_a.std(unbiased=False),
-                          (out_b - out_b.mean()) / out_b.std(unbiased=False)], dim=1)
+    scale, shift = zipped.head_scale, zipped.head_shift
+    expected = torch.cat([a(x) * scale[0] + shift[0], b(x) * scale[1] + shift[1]], dim=1)
     torch.testing.assert_close(zipped(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_head_calibration_balances_heads_of_unrelated_scales():
+    a, b = _model("lenet5", 0), _model("lenet5", 1)
+    with torch.no_grad():
+        b.classifier[2].weight.mul_(30.0)  # head B shouts: raw logits would always pick its classes
+        b.classifier[2].bias.mul_(30.0)
+    x = _images("lenet5")
+    zipped = build_zipped([a, b], [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], "lenet5", 0).eval()
+    raw_share_a = (zipped(x).argmax(1) < 5).float().mean()
+    info = zipped.calibrate_heads(x.split(128))
+    predicted = zipped(x).argmax(1)
+    share_a = (predicted < 5).float().mean()
+    assert raw_share_a < 0.1 and 0.2 < share_a < 0.8
+    assert info["information_after"] > info["information_before"]
+    # Within each task the decision is the original teacher's: calibration only places heads.
+    torch.testing.assert_close(zipped(x)[:, :5].argmax(1), a(x).argmax(1))
+    torch.testing.assert_close(zipped(x)[:, 5:].argmax(1), b(x).argmax(1))
 
 
 def test_batchnorm_reset_uses_the_merge_images():
