@@ -45,6 +45,17 @@ def l1_disagreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) 
     return (student_logits - teacher_logits).abs().mean()
 
 
+def mode_seeking_loss(latents: torch.Tensor, images: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Mode seeking (Mao et al., CVPR 2019): two latents should give images about as far
+    apart as the latents are. Pairs the batch's first half with its second half and
+    averages mean|z1 - z2| / (mean|x1 - x2| + eps); minimising it spreads the generator's
+    outputs instead of collapsing each class onto a few images."""
+    half = latents.shape[0] // 2
+    latent_gap = (latents[:half] - latents[half:2 * half]).abs().flatten(1).mean(1)
+    image_gap = (images[:half] - images[half:2 * half]).abs().flatten(1).mean(1)
+    return (latent_gap / (image_gap + eps)).mean()
+
+
 def batchnorm_statistics_loss(batch_stats: list[tuple[torch.Tensor, torch.Tensor, nn.BatchNorm2d]]) -> torch.Tensor:
     """DeepInversion: distance between the batch's per-channel mean / variance at each
     BatchNorm input and that layer's running statistics (the training data's), summed over

@@ -32,6 +32,7 @@ class DataFreeDistillation(L.LightningModule):
         teacher_arch: Optional[str] = None,
         student_arch: str = "lenet5_half",
         latent_dim: int = 100,
+        generator_arch: Literal["dafl", "native"] = "dafl",
         generator_width: int = 128,
         batch_size: int = 512,
         schedule: Literal["official", "alternating"] = "official",
@@ -44,12 +45,14 @@ class DataFreeDistillation(L.LightningModule):
         entropy_log_base: float = 10.0,
         bn_stat_weight: float = 0.0,
         adversarial_weight: float = 0.0,
+        diversity_weight: float = 0.0,
         kd_temperature: float = 1.0,
         native_padding: bool = False,
         class_conditional: bool = False,
         replay_size: int = 0,
         augment_shift: int = 0,
         augment_flip: bool = False,
+        mixup_alpha: float = 0.0,
         generator_optimizer: Optional[OptimizerCallable] = None,
         student_optimizer: Optional[OptimizerCallable] = None,
         student_lr_schedule: Literal["constant", "cosine", "multistep"] = "constant",
@@ -61,12 +64,17 @@ class DataFreeDistillation(L.LightningModule):
             teacher: weights of the trained classifier (safetensors with metadata, or a state dict).
             teacher_arch: architecture, if the weights file does not name it.
             student_arch: registered architecture of the student.
+            generator_arch: 'dafl' (the official generator: normalised output at the network's
+                input size) or 'native' (sigmoid pixels at the dataset's native size, passed
+                through the same padding and normalisation as real inputs; needs a teacher
+                file with that metadata).
             generator_width: channels of the generator's first conv block (official 128).
             batch_size: synthetic images per generator / student step.
             one_hot_weight, activation_weight, entropy_weight: the DAFL loss weights (oh, a, ie).
             entropy_log_base: logarithm base of the information-entropy loss (official: 10).
             bn_stat_weight: DeepInversion BatchNorm-statistics loss (needs a BN teacher).
             adversarial_weight: DFAD term, the generator maximises student-teacher L1 gap.
+            diversity_weight: mode-seeking term: different latents must give different images.
             synthetic: where student images come from: the DAFL generator, or Gaussian noise
                 (the paper's "normal distribution" baseline; no generator is trained).
             native_padding: synthetic images keep the constant border that real inputs get when
@@ -76,6 +84,8 @@ class DataFreeDistillation(L.LightningModule):
             replay_size: images kept from earlier generator batches; student steps sample from
                 them (0: students train on fresh generator samples).
             augment_shift, augment_flip: augmentation of the student's synthetic batches.
+            mixup_alpha: blend each student image with another of its batch, weight ~
+                Beta(alpha, alpha); the teacher labels the blend (0: off).
             val_size: synthetic images from a fixed held-out latent bank for the label-free
                 validation signal `val/agreement` (student-teacher top-1 agreement).
         """
@@ -90,11 +100,12 @@ class DataFreeDistillation(L.LightningModule):
         self.teacher.eval().requires_grad_(False)
         shape = {k: self.teacher_meta[k] for k in ("in_channels", "num_classes", "image_size")}
         self.student = StudentObjective(student_arch, **shape, temperature=kd_temperature,
-                                        augment_shift=augment_shift, augment_flip=augment_flip)
+                                        augment_shift=augment_shift, augment_flip=augment_flip,
+                                        mixup_alpha=mixup_alpha)
         self.generator = GeneratorObjective(latent_dim, shape["image_size"], shape["in_channels"], generator_width,
                                             one_hot_weight, activation_weight, entropy_weight, entropy_log_base,
                                             bn_stat_weight, adversarial_weight, shape["num_classes"],
-                                            class_conditional)
+                                            class_conditional, generator_arch, self.teacher_meta, diversity_weight)
         if native_padding:
             self._set_native_frame()
         self.generator.attach(self.teacher)
@@ -120,13 +131,15 @@ class DataFreeDistillation(L.LightningModule):
             if hp[name] <= 0:
                 raise ConfigError(f"{name} must be positive, got {hp[name]}")
         for name in ("one_hot_weight", "activation_weight", "entropy_weight", "bn_stat_weight", "adversarial_weight",
-                     "replay_size", "augment_shift"):
+                     "diversity_weight", "replay_size", "augment_shift", "mixup_alpha"):
             if hp[name] < 0:
                 raise ConfigError(f"{name} must be >= 0, got {hp[name]}")
         if hp.kd_temperature <= 0 or hp.entropy_log_base <= 1:
             raise ConfigError("kd_temperature must be > 0 and entropy_log_base > 1")
         if hp.synthetic == "gaussian" and hp.schedule == "official":
             raise ConfigError("synthetic 'gaussian' trains no generator: use schedule 'alternating'")
+        if hp.native_padding and hp.generator_arch == "native":
+            raise ConfigError("native_padding is for generator_arch 'dafl'; the native generator pads like real inputs")
         if hp.schedule == "official" and (hp.generator_steps != 1 or hp.student_steps != 1 or hp.replay_size):
             raise ConfigError("schedule 'official' is one combined step: use generator_steps=1, student_steps=1, "
                               "replay_size=0, or schedule 'alternating'")
@@ -218,7 +231,8 @@ class DataFreeDistillation(L.LightningModule):
         if hp.schedule == "official":
             z, targets = self._latents(hp.batch_size)
             images = self.generator(z)
-            g_losses, teacher_logits, _ = self.generator.losses(images, self.teacher, self._gather, targets=targets)
+            g_losses, teacher_logits, _ = self.generator.losses(images, self.teacher, self._gather, targets=targets,
+                                                                latents=z)
             loss_kd = self.student.loss(images.detach(), teacher_logits)
             self._check_finite({**g_losses, "kd": loss_kd})
             opt_g.zero_grad()
@@ -232,7 +246,7 @@ class DataFreeDistillation(L.LightningModule):
                 z, targets = self._latents(hp.batch_size)
                 images = self.generator(z)
                 student = self.student if hp.adversarial_weight > 0 else None
-                g_losses, _, _ = self.generator.losses(images, self.teacher, self._gather, student, targets)
+                g_losses, _, _ = self.generator.losses(images, self.teacher, self._gather, student, targets, z)
                 self._check_finite(g_losses)
                 opt_g.zero_grad()
                 self.manual_backward(g_losses["total"])

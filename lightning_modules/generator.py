@@ -10,7 +10,7 @@ from torch import nn
 
 from dafl.errors import ConfigError
 from dafl.losses import (BatchNormStatistics, activation_loss, batchnorm_statistics_loss,
-                         information_entropy_loss, l1_disagreement, one_hot_loss)
+                         information_entropy_loss, l1_disagreement, mode_seeking_loss, one_hot_loss)
 from dafl.models import build_model
 
 
@@ -20,16 +20,30 @@ class GeneratorObjective(nn.Module):
 
     def __init__(self, latent_dim: int, image_size: int, channels: int, width: int,
                  one_hot_weight: float, activation_weight: float, entropy_weight: float, entropy_log_base: float,
-                 bn_stat_weight: float, adversarial_weight: float, num_classes: int = 10, conditional: bool = False):
+                 bn_stat_weight: float, adversarial_weight: float, num_classes: int = 10, conditional: bool = False,
+                 arch: str = "dafl", input_meta: Optional[dict] = None, diversity_weight: float = 0.0):
+        """`arch`: 'dafl' (the official generator, output in the normalised space) or
+        'native' (pixels at the dataset's native size through the real-input adapter; needs
+        `input_meta` with native_size, mean, std)."""
         super().__init__()
         if conditional and num_classes > latent_dim:
             raise ConfigError(f"class-conditional generation needs latent_dim >= {num_classes} classes")
         self.num_classes, self.conditional = num_classes, conditional
-        self.net = build_model("generator", latent_dim=latent_dim, image_size=image_size, channels=channels,
-                               width=width)
+        shape = {"latent_dim": latent_dim, "image_size": image_size, "channels": channels, "width": width}
+        if arch == "native":
+            missing = [k for k in ("native_size", "mean", "std") if (input_meta or {}).get(k) is None]
+            if missing:
+                raise ConfigError(f"generator_arch 'native' needs the teacher's {', '.join(missing)} (a teacher file "
+                                  "written by dafl has them); use generator_arch 'dafl'")
+            self.net = build_model("generator_native", **shape, native_size=input_meta["native_size"],
+                                   mean=input_meta["mean"], std=input_meta["std"])
+        elif arch == "dafl":
+            self.net = build_model("generator", **shape)
+        else:
+            raise ConfigError(f"unknown generator_arch {arch!r}; use 'dafl' or 'native'")
         self.latent_dim = latent_dim
         self.weights = {"oh": one_hot_weight, "a": activation_weight, "ie": entropy_weight,
-                        "bn": bn_stat_weight, "adv": adversarial_weight}
+                        "bn": bn_stat_weight, "adv": adversarial_weight, "div": diversity_weight}
         self.entropy_log_base = entropy_log_base
         self._bn_hooks: Optional[BatchNormStatistics] = None
         self.register_buffer("frame_mask", None, persistent=False)
@@ -91,8 +105,8 @@ class GeneratorObjective(nn.Module):
 
     def losses(self, images: torch.Tensor, teacher: nn.Module,
                gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-               student: Optional[nn.Module] = None, targets: Optional[torch.Tensor] = None
-               ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+               student: Optional[nn.Module] = None, targets: Optional[torch.Tensor] = None,
+               latents: Optional[torch.Tensor] = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Losses of generated `images` against the frozen teacher.
 
         `gather` all-gathers a tensor over processes (with gradients): the information
@@ -112,6 +126,8 @@ class GeneratorObjective(nn.Module):
         if w["adv"] > 0 and student is not None:
             # DFAD: the generator seeks images where student and teacher disagree.
             losses["adv"] = -l1_disagreement(student(images), teacher_logits)
+        if w["div"] > 0 and latents is not None:
+            losses["div"] = mode_seeking_loss(latents, images)
         losses["total"] = sum(w[k] * v for k, v in losses.items())
         return losses, teacher_logits, features
 
@@ -120,14 +136,16 @@ def fit_generator(teacher: nn.Module, meta: dict, iterations: int, batch_size: i
                   lr: float = 1e-3, one_hot_weight: float = 1.0, entropy_weight: float = 5.0,
                   bn_stat_weight: float = 1.0, progress: Optional[str] = None) -> GeneratorObjective:
     """Train a generator alone against a frozen `teacher` (no student): the images a
-    teacher finds meaningful, e.g. for data-free ZipIt merging. BN-statistics matching is
-    used when the teacher has BatchNorm layers."""
+    teacher finds meaningful, e.g. for data-free ZipIt merging. The native generator is
+    used when the teacher's metadata allows it, BN-statistics matching when the teacher
+    has BatchNorm layers."""
     from tqdm import tqdm
 
     has_bn = any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules())
+    native = all(meta.get(k) is not None for k in ("native_size", "mean", "std")) and meta["native_size"] % 4 == 0
     objective = GeneratorObjective(100, meta["image_size"], meta["in_channels"], width, one_hot_weight, 0.0,
                                    entropy_weight, 10.0, bn_stat_weight if has_bn else 0.0, 0.0,
-                                   meta["num_classes"])
+                                   meta["num_classes"], arch="native" if native else "dafl", input_meta=meta)
     teacher.eval().requires_grad_(False)
     objective.attach(teacher)
     optimizer = torch.optim.Adam(objective.parameters(), lr=lr, betas=(0.5, 0.999))

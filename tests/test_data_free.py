@@ -163,3 +163,39 @@ def test_class_conditional_latents_are_balanced_and_coded(digits_teacher):
     assert torch.equal(model.val_latents[:, :10].argmax(1)[:10], torch.arange(10))
     with pytest.raises(ConfigError, match="latent_dim"):
         DataFreeDistillation(teacher=str(digits_teacher[0]), class_conditional=True, latent_dim=5)
+
+
+def test_mixup_blends_pairs_of_the_batch():
+    from lightning_modules.student import mixup
+
+    torch.manual_seed(0)
+    x = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 2, 2).contiguous()  # image i is constant i
+    assert torch.equal(mixup(x, 0.0), x)
+    mixed = mixup(x, 1.0)
+    assert mixed.shape == x.shape and not torch.equal(mixed, x)
+    # Every output is w * x_i + (1 - w) * x_j: constant per image, within the batch's range.
+    assert torch.equal(mixed, mixed[:, :, :1, :1].expand_as(mixed))
+    assert mixed.min() >= 0 and mixed.max() <= 7
+
+
+def test_native_generator_and_new_levers_train(digits_teacher):
+    model = best_preset(digits_teacher[0], generator_arch="native", mixup_alpha=1.0, diversity_weight=0.1,
+                        adversarial_weight=0.1, **FAST)
+    images = model.generator(model.generator.latents(4)[0])
+    assert images.shape == (4, 1, 32, 32)  # digits: 8x8 pixels resized to the network's 32x32
+    before = [p.clone() for p in model.generator.parameters()]
+    trainer = quiet_trainer(max_epochs=1, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=DataFreeDataModule(None, iterations_per_epoch=2))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.generator.parameters()))
+    assert {"train/loss_div", "train/loss_adv", "train/loss_bn"} <= set(trainer.logged_metrics)
+
+
+def test_native_generator_needs_input_metadata(digits_teacher, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(digits_teacher[0])), str(bare), metadata={"arch": "lenet5_bn"})
+    with pytest.raises(ConfigError, match="native"):
+        DataFreeDistillation(teacher=str(bare), generator_arch="native", **FAST)
+    with pytest.raises(ConfigError, match="native_padding"):
+        DataFreeDistillation(teacher=str(digits_teacher[0]), generator_arch="native", native_padding=True, **FAST)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from dafl.losses import (BatchNormStatistics, activation_loss, batchnorm_statistics_loss, information_entropy_loss,
-                         kd_loss, l1_disagreement, one_hot_loss)
+                         kd_loss, l1_disagreement, mode_seeking_loss, one_hot_loss)
 
 
 def test_one_hot_loss_by_hand():
@@ -88,3 +88,12 @@ def test_one_hot_loss_with_requested_classes():
     targets = torch.tensor([1, 1])  # the first image was asked to show class 1, the teacher says 0
     expected = (math.log(1 + math.exp(2)) + math.log(1 + math.exp(-1))) / 2
     assert one_hot_loss(logits, targets).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_mode_seeking_loss_by_hand():
+    # Pairs (z0, z2) and (z1, z3): latent gaps 2 and 1; image gaps 4 and 1 -> (2/4 + 1/1) / 2.
+    latents = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [0.0, 2.0]])
+    images = torch.tensor([[0.0], [1.0], [4.0], [2.0]])
+    assert mode_seeking_loss(latents, images, eps=0.0).item() == pytest.approx((2 / 4 + 1 / 1) / 2)
+    # Collapsed images (identical whatever the latent) give a huge loss: that is what it fights.
+    assert mode_seeking_loss(latents, torch.zeros(4, 1)).item() > 1e4

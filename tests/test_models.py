@@ -65,3 +65,30 @@ def test_unknown_architecture_is_a_config_error():
 def test_generator_rejects_bad_image_size():
     with pytest.raises(ConfigError, match="multiple of 4"):
         build_model("generator", image_size=30)
+
+
+@pytest.mark.parametrize("native,size,channels", [(28, 32, 1), (32, 32, 3), (8, 32, 1)])
+def test_native_generator_draws_pixels_like_real_inputs(native, size, channels):
+    """Pixels in [0, 1] at the native size, then the real-input adapter: a 28 -> 32 border is
+    exactly the normalised black of real padded images."""
+    from dafl.datasets import InputAdapter
+
+    mean, std = [0.3] * channels, [0.4] * channels
+    gen = build_model("generator_native", latent_dim=20, image_size=size, channels=channels, width=16,
+                      native_size=native, mean=mean, std=std)
+    z = torch.randn(8, 20)
+    pixels = gen.pixels(z)
+    assert pixels.shape == (8, channels, native, native)
+    assert 0.0 <= pixels.min() and pixels.max() <= 1.0
+    images = gen(z)
+    assert images.shape == (8, channels, size, size) and torch.isfinite(images).all()
+    torch.testing.assert_close(images, InputAdapter(native, size, mean, std)(pixels))
+    if native == 28:
+        assert torch.allclose(images[..., :2, :], torch.tensor(-0.3 / 0.4))
+    images.sum().backward()
+    assert all(p.grad is not None for p in gen.parameters())
+
+
+def test_native_generator_rejects_native_sizes_it_cannot_draw():
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        build_model("generator_native", native_size=30, image_size=32)
