@@ -13,12 +13,13 @@ def one_hot_loss(teacher_logits: torch.Tensor, targets: torch.Tensor | None = No
     """Cross-entropy of the teacher's logits against its own arg-max: pushes generated
     images towards confident teacher predictions. With `targets` (class-conditional
     generation), against the classes the images were asked to show."""
+    teacher_logits = teacher_logits.float()  # losses in float32 even under bf16 autocast
     return F.cross_entropy(teacher_logits, teacher_logits.argmax(dim=1) if targets is None else targets)
 
 
 def activation_loss(teacher_features: torch.Tensor) -> torch.Tensor:
     """-mean |f| of the teacher's penultimate features: rewards strongly activating images."""
-    return -teacher_features.abs().mean()
+    return -teacher_features.float().abs().mean()
 
 
 def information_entropy_loss(teacher_logits: torch.Tensor, log_base: float = 10.0) -> torch.Tensor:
@@ -28,21 +29,21 @@ def information_entropy_loss(teacher_logits: torch.Tensor, log_base: float = 10.
     A batch statistic: under DDP pass the all-gathered logits (see DataFreeDistillation).
     The official code uses log10; `log_base=math.e` gives nats.
     """
-    mean_probs = F.softmax(teacher_logits, dim=1).mean(dim=0)
+    mean_probs = F.softmax(teacher_logits.float(), dim=1).mean(dim=0)
     return (mean_probs * torch.log(mean_probs)).sum() / math.log(log_base)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(softmax(t/T) || softmax(s/T)), batch-mean, times T^2 (Hinton et al.) so the
     gradient scale does not depend on the temperature. At T=1 this is the official loss."""
-    log_student = F.log_softmax(student_logits / temperature, dim=1)
-    log_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * temperature ** 2
 
 
 def l1_disagreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean absolute logit gap (DFAD): the generator maximises it, the student minimises it."""
-    return (student_logits - teacher_logits).abs().mean()
+    return (student_logits.float() - teacher_logits.float()).abs().mean()
 
 
 def mode_seeking_loss(latents: torch.Tensor, images: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -80,7 +81,7 @@ class BatchNormStatistics:
     def _hook(self, module, inputs, output):
         if not self.recording:
             return
-        x = inputs[0]
+        x = inputs[0].float()
         self.records.append((x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False), module))
 
     def pop(self) -> list[tuple[torch.Tensor, torch.Tensor, nn.BatchNorm2d]]:

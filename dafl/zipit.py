@@ -213,8 +213,8 @@ def _same_index_bonus(total: int, n_models: int) -> torch.Tensor:
     return 1e-6 * ((index[:, None] == index[None, :]) & (model[:, None] != model[None, :])).double()
 
 
-def zip_match(corr: torch.Tensor, n_models: int, alpha: float = 0.3, beta: float = 0.125
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def zip_match(corr: torch.Tensor, n_models: int, alpha: float = 0.3, beta: float = 0.125,
+              target: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy ZipIt matching of nC features down to C: repeatedly merge the most correlated
     pair of groups, across models or within one; the merged group's similarities become the
     elementwise minimum of the pair's, times `alpha` (so big groups grow reluctantly). Each
@@ -226,13 +226,14 @@ def zip_match(corr: torch.Tensor, n_models: int, alpha: float = 0.3, beta: float
     sim = corr.clone().double() + _same_index_bonus(total, n_models)
     sim.fill_diagonal_(float("-inf"))
     origin = torch.arange(total) // size  # model of each group, -1 once it spans models
-    budget = [int(beta * (total - size) / n_models + 1e-9)] * n_models
+    keep = target or size  # merged features left at the end (one model's width by default)
+    budget = [int(beta * (total - keep) / n_models + 1e-9)] * n_models
     within = lambda k: (origin == k)[:, None] & (origin == k)[None, :]  # noqa: E731
     for k in range(n_models):
         if budget[k] <= 0:
             sim[within(k)] = float("-inf")
     groups: dict[int, list[int]] = {i: [i] for i in range(total)}  # row index -> member features
-    while len(groups) > size:
+    while len(groups) > keep:
         i, j = divmod(int(sim.argmax()), total)
         i, j = min(i, j), max(i, j)
         same_model = bool(origin[i] == origin[j]) and int(origin[i]) >= 0

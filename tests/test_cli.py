@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,7 +29,9 @@ def test_print_config_of_the_default(run_cli):
     assert "DataFreeDistillation" in result.stdout and "fashion_mnist_lenet5_bn.safetensors" in result.stdout
 
 
-FIT_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml") if p.name != "compare.yaml")
+# compare.yaml and zipit.yaml belong to `compare` and `zip`, every other YAML to `fit`.
+FIT_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")
+                     if p.name not in ("compare.yaml", "zipit.yaml"))
 
 
 @pytest.mark.parametrize("config", FIT_CONFIGS)
@@ -151,3 +154,37 @@ def test_bad_checkpoint_interval_keeps_the_old_run(run_cli, tmp_path):
     line = one_line_error(run_cli("fit", "--checkpoint_minutes", "0", "--run_dir", run_dir, "--overwrite"))
     assert "checkpoint_minutes" in line
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == b"previous run"
+
+
+def test_zip_writes_table_and_merged_teacher(run_cli, tmp_path):
+    """Tiny budget: both image sources, every method row, one merged teacher that `fit` can load."""
+    import yaml
+
+    config = tmp_path / "zip.yaml"
+    merged = tmp_path / "merged.safetensors"
+    config.write_text(yaml.safe_dump({
+        "teachers": [str(REPO / "checkpoints/fashion_mnist_lenet5_bn_classes0-4.safetensors"),
+                     str(REPO / "checkpoints/fashion_mnist_lenet5_bn_classes5-9.safetensors")],
+        "merge_images": 256, "generator": {"iterations": 3, "batch_size": 64},
+        "outputs": [{"source": "real", "method": "zipit", "depth": 2, "path": str(merged)}]}))
+    result = run_cli("zip", "--config", config, "--out", tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (tmp_path / "out" / "table.md").read_text()
+    for source in ("real", "generator"):
+        for method in ("weight averaging", "permutation", "ZipIt full", "ZipIt partial, depth 1", "ensemble"):
+            assert f"| {source} | {method} |" in table
+    rows = (tmp_path / "out" / "table.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2 + 2 * 7  # header, two teachers alone, 7 merges per source (LeNet-5: depths 4..0)
+    from dafl.weights import load_classifier
+
+    model, meta = load_classifier(merged)
+    assert meta["arch"] == "zipit" and meta["num_classes"] == 10 and merged.with_suffix(".md").is_file()
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sources", "webcam"], "unknown image source"),
+    (["--config", "nope.yaml"], "zip config not found"),
+])
+def test_zip_bad_input_is_one_line_error(run_cli, args, message):
+    assert message in one_line_error(run_cli("zip", *args))

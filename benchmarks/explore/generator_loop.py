@@ -1,0 +1,195 @@
+"""Exploration (benchmarks/explore/README.md): the alternating data-free loop in plain
+PyTorch with every lever tried as a flag. Research code, not the product: the product is
+DataFreeDistillation. Prints test accuracy along the way (never used to select).
+
+    python benchmarks/explore/generator_loop.py --gen small --width 64 --mixup 1 --adv 0.1 --s_steps 10 --div 1
+"""
+import argparse, time, json, math, torch, torch.nn as nn, torch.nn.functional as F
+from dafl.weights import load_classifier
+from dafl.models import build_model
+from dafl.datasets import load_split, InputAdapter
+from dafl.losses import BatchNormStatistics, batchnorm_statistics_loss, kd_loss, information_entropy_loss
+p = argparse.ArgumentParser()
+p.add_argument("--teacher", default="checkpoints/fashion_mnist_lenet5_bn.safetensors")
+p.add_argument("--iters", type=int, default=400)
+p.add_argument("--bs", type=int, default=256)
+p.add_argument("--width", type=int, default=32)
+p.add_argument("--gen", default="official")
+p.add_argument("--g_lr", type=float, default=1e-3)
+p.add_argument("--g_steps", type=int, default=1)
+p.add_argument("--s_steps", type=int, default=5)
+p.add_argument("--oh", type=float, default=1.0)
+p.add_argument("--ie", type=float, default=5.0)
+p.add_argument("--act", type=float, default=0.0)
+p.add_argument("--bn", type=float, default=1.0)
+p.add_argument("--adv", type=float, default=0.0)
+p.add_argument("--tv", type=float, default=0.0)
+p.add_argument("--div", type=float, default=0.0)
+p.add_argument("--bss", type=int, default=0)       # adversarial refinement steps on student batches
+p.add_argument("--bss_eps", type=float, default=0.1)
+p.add_argument("--bss_frac", type=float, default=0.5)
+p.add_argument("--noise", type=float, default=0.0)
+p.add_argument("--feat", type=float, default=0.0)
+p.add_argument("--bright", type=float, default=0.0)
+p.add_argument("--init_student", default="")
+p.add_argument("--at", type=float, default=0.0)
+p.add_argument("--bn_first", type=float, default=1.0)
+p.add_argument("--replay", type=int, default=8192)
+p.add_argument("--s_lr", type=float, default=0.1)
+p.add_argument("--s_loss", default="kl")
+p.add_argument("--T", type=float, default=1.0)
+p.add_argument("--mixup", type=float, default=0.0)
+p.add_argument("--s_shift", type=int, default=0)
+p.add_argument("--s_flip", type=int, default=0)
+p.add_argument("--native", type=int, default=0)
+p.add_argument("--reinit", type=int, default=0)  # re-initialise generator every N iters
+p.add_argument("--cond", type=int, default=0)
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--eval_every", type=int, default=100)
+p.add_argument("--save", default="")
+a = p.parse_args()
+torch.set_num_threads(2); torch.manual_seed(a.seed)
+T, meta = load_classifier(a.teacher); T.eval().requires_grad_(False)
+adapter = InputAdapter(meta["native_size"], meta["image_size"], meta["mean"], meta["std"])
+test = load_split(meta.get("dataset") or "fashion-mnist", "test")
+test_x = adapter(test.images); test_y = test.labels
+def acc(net):
+    net.eval()
+    with torch.no_grad():
+        r = sum((net(x).argmax(1) == y).sum().item() for x, y in zip(test_x.split(2000), test_y.split(2000))) / len(test_y)
+    net.train(); return r
+hooks = BatchNormStatistics(T) if a.bn else None
+mean, std = meta["mean"][0], meta["std"][0]
+border = (meta["image_size"] - meta["native_size"]) // 2
+
+class SmallGen(nn.Module):
+    """native-size generator: 7x7 -> 14 -> 28, then pad to 32 with black."""
+    def __init__(s, latent=100, w=64, deep=False):
+        super().__init__()
+        s.w = w; s.fc = nn.Linear(latent, w * 49); s.bn0 = nn.BatchNorm2d(w)
+        s.c1 = nn.Sequential(nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w), nn.LeakyReLU(0.2))
+        s.c2 = nn.Sequential(nn.Conv2d(w, w // 2, 3, padding=1), nn.BatchNorm2d(w // 2), nn.LeakyReLU(0.2))
+        if deep:
+            s.c2 = nn.Sequential(*s.c2, nn.Conv2d(w // 2, w // 2, 3, padding=1), nn.BatchNorm2d(w // 2), nn.LeakyReLU(0.2))
+        s.out = nn.Conv2d(w // 2, 1, 3, padding=1)
+    def forward(s, z):
+        x = s.bn0(s.fc(z).view(-1, s.w, 7, 7))
+        x = s.c1(F.interpolate(x, scale_factor=2))
+        x = s.c2(F.interpolate(x, scale_factor=2))
+        pix = torch.sigmoid(s.out(x))  # [0,1] pixels, native size
+        return (F.pad(pix, [border] * 4) - mean) / std
+
+def make_gen():
+    if a.gen == "official":
+        g = build_model("generator", latent_dim=100, image_size=32, channels=1, width=a.width)
+    else:
+        g = SmallGen(100, a.width, deep=(a.gen == "deep"))
+    return g, torch.optim.Adam(g.parameters(), lr=a.g_lr, betas=(0.5, 0.999))
+G, opt_g = make_gen()
+S = build_model("lenet5_half", in_channels=1, num_classes=10, image_size=32)
+if a.init_student:
+    S.load_state_dict(torch.load(a.init_student)); print("init student acc", acc(S))
+proj = nn.Linear(60, 120)
+opt_s = torch.optim.SGD(list(S.parameters()) + list(proj.parameters()), lr=a.s_lr, momentum=0.9, weight_decay=5e-4)
+acts = {}
+def keep(name):
+    def hook(m, i, o): acts[name] = o
+    return hook
+T.features[2].register_forward_hook(keep("t1")); T.features[6].register_forward_hook(keep("t2"))
+S.features[2].register_forward_hook(keep("s1")); S.features[6].register_forward_hook(keep("s2"))
+def att(f):
+    return F.normalize(f.pow(2).mean(1).flatten(1), dim=1)
+total_s = a.iters * a.s_steps
+sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, total_s)
+mem = torch.zeros(a.replay, 1, 32, 32); count = 0
+frame = torch.zeros(1, 1, 32, 32); frame[..., border:32 - border, border:32 - border] = 1
+def latents(n):
+    z = torch.randn(n, 100)
+    y = None
+    if a.cond:
+        y = torch.arange(n) % 10; z[:, :10] = F.one_hot(y, 10).float()
+    return z, y
+def gen(z):
+    x = G(z)
+    if a.native and a.gen == "official":
+        x = x * frame + (-mean / std) * (1 - frame)
+    return x
+def aug(x):
+    if a.s_shift:
+        xp = F.pad(x, [a.s_shift] * 4, value=-mean / std)
+        dx, dy = torch.randint(0, 2 * a.s_shift + 1, (2,)).tolist(); x = xp[:, :, dy:dy + 32, dx:dx + 32]
+    if a.s_flip:
+        m = torch.rand(x.shape[0]) < 0.5; x = torch.where(m.view(-1, 1, 1, 1), x.flip(3), x)
+    if a.bright:
+        pix = x * std + mean
+        f = 1 - a.bright * torch.rand(x.shape[0], 1, 1, 1)
+        x = ((pix * f).clamp(0, 1) - mean) / std
+    if a.mixup:
+        lam = torch.distributions.Beta(a.mixup, a.mixup).sample((x.shape[0], 1, 1, 1))
+        x = lam * x + (1 - lam) * x[torch.randperm(x.shape[0])]
+    return x
+def s_loss(sl, tl):
+    if a.s_loss == "kl": return kd_loss(sl, tl, a.T)
+    if a.s_loss == "l1": return (sl - tl).abs().mean()
+t0 = time.time(); log = []
+for it in range(a.iters):
+    if a.reinit and it and it % a.reinit == 0:
+        G, opt_g = make_gen()
+    for _ in range(a.g_steps):
+        z, y = latents(a.bs)
+        x = gen(z)
+        if hooks: hooks.recording = True
+        tl, feat = T(x, return_features=True)
+        if hooks: hooks.recording = False
+        ce = F.cross_entropy(tl, tl.argmax(1) if y is None else y)
+        loss = a.oh * ce + a.ie * information_entropy_loss(tl) - a.act * feat.abs().mean()
+        if hooks:
+            recs = hooks.pop()
+            bnl = batchnorm_statistics_loss(recs) + (a.bn_first - 1) * batchnorm_statistics_loss(recs[:1])
+            loss = loss + a.bn * bnl
+        if a.div:
+            h = len(x) // 2
+            dz = (z[:h] - z[h:2*h]).abs().mean(1); dx = (x[:h] - x[h:2*h]).abs().flatten(1).mean(1)
+            loss = loss + a.div * (dz / (dx + 1e-5)).mean() * 0.1
+        if a.adv:
+            loss = loss - a.adv * (S(x) - tl).abs().mean()
+        if a.tv:
+            loss = loss + a.tv * ((x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean())
+        opt_g.zero_grad(); loss.backward(); opt_g.step()
+        xd = x.detach(); n = len(xd)
+        idx = (torch.arange(n) + count) % a.replay; mem[idx] = xd; count += n
+    for _ in range(a.s_steps):
+        if a.replay:
+            xb = mem[torch.randint(0, min(count, a.replay), (a.bs,))]
+        else:
+            with torch.no_grad(): xb = gen(latents(a.bs)[0])
+        xb = aug(xb)
+        if a.bss:
+            k = int(a.bss_frac * len(xb))
+            xa = xb[:k].clone().requires_grad_()
+            for _ in range(a.bss):
+                gap = F.kl_div(F.log_softmax(S(xa), 1), F.log_softmax(T(xa), 1), reduction="batchmean", log_target=True)
+                g, = torch.autograd.grad(gap, xa)
+                xa = (xa + a.bss_eps * g.sign()).detach().requires_grad_()
+            xb = torch.cat([xa.detach(), xb[k:]])
+        if a.noise:
+            xb = xb + a.noise * torch.randn_like(xb)
+        with torch.no_grad(): tl, tf = T(xb, return_features=True)
+        t1, t2 = acts["t1"], acts["t2"]
+        sl, sf = S(xb, return_features=True)
+        l = s_loss(sl, tl)
+        if a.feat: l = l + a.feat * F.mse_loss(proj(sf), tf)
+        if a.at: l = l + a.at * ((att(acts["s1"]) - att(t1)).pow(2).sum(1).mean() + (att(acts["s2"]) - att(t2)).pow(2).sum(1).mean())
+        opt_s.zero_grad(); l.backward(); opt_s.step(); sched.step()
+    if (it + 1) % a.eval_every == 0 or it + 1 == a.iters:
+        r = acc(S); log.append((it + 1, round(time.time() - t0), r))
+        print(f"it {it+1} {time.time()-t0:.0f}s acc {r:.4f} ce {ce.item():.3f} bn {bnl.item() if hooks else 0:.2f} kd {l.item():.3f}", flush=True)
+S.eval()
+with torch.no_grad():
+    pred = torch.cat([S(x).argmax(1) for x in test_x.split(2000)]); tp = torch.cat([T(x).argmax(1) for x in test_x.split(2000)])
+print("per-class student", [round((pred[test_y == c] == c).float().mean().item(), 2) for c in range(10)])
+print("per-class teacher", [round((tp[test_y == c] == c).float().mean().item(), 2) for c in range(10)])
+print("agreement with teacher", (pred == tp).float().mean().item())
+print(json.dumps({"final": acc(S), "secs": round(time.time() - t0), "log": log, **{k: v for k, v in vars(a).items() if k != "teacher"}}))
+if a.save:
+    with torch.no_grad(): torch.save(gen(latents(64)[0]), a.save)
