@@ -12,7 +12,8 @@ CHECKPOINTS = sorted((Path(__file__).resolve().parent.parent / "checkpoints").gl
 
 def test_teachers_are_shipped():
     names = {p.stem for p in CHECKPOINTS}
-    assert {"fashion_mnist_lenet5", "fashion_mnist_lenet5_bn", "mnist5k_lenet5", "fashion_mnist_lenet5_bn_classes0-4",
+    assert {"fashion_mnist_lenet5", "fashion_mnist_lenet5_bn", "mnist5k_lenet5", "mnist5k_lenet5_bn",
+            "fashion_mnist_lenet5_bn_classes0-4",
             "fashion_mnist_lenet5_bn_classes5-9"} <= names
 
 
