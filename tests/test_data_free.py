@@ -199,3 +199,31 @@ def test_native_generator_needs_input_metadata(digits_teacher, tmp_path):
         DataFreeDistillation(teacher=str(bare), generator_arch="native", **FAST)
     with pytest.raises(ConfigError, match="native_padding"):
         DataFreeDistillation(teacher=str(digits_teacher[0]), generator_arch="native", native_padding=True, **FAST)
+
+
+def test_speed_settings_keep_the_method_and_clean_state_dict_keys(digits_teacher):
+    """channels_last and in-place compile change memory layout and kernels only: the same
+    seed gives the same first student step, and checkpoint keys carry no `_orig_mod`."""
+    def first_step(**speed):
+        L.seed_everything(0, verbose=False)
+        model = DataFreeDistillation(teacher=str(digits_teacher[0]), schedule="official", **FAST, **speed)
+        trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, num_sanity_val_steps=0)
+        trainer.fit(model, datamodule=DataFreeDataModule(None, iterations_per_epoch=1))
+        return model
+
+    plain, nhwc = first_step(), first_step(channels_last=True)
+    for (name, a), b in zip(plain.student.state_dict().items(), nhwc.student.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    compiled = DataFreeDistillation(teacher=str(digits_teacher[0]), compile=True, **FAST)
+    assert set(compiled.state_dict()) == set(plain.state_dict())
+    assert not any("_orig_mod" in key for key in compiled.state_dict())
+
+
+def test_finite_check_every_n_steps_still_catches_a_nan(digits_teacher):
+    model = DataFreeDistillation(teacher=str(digits_teacher[0]), finite_check_every=3, **FAST)
+    nan = {"loss": torch.tensor(float("nan"))}
+    model._batch_idx = 1
+    model._check_finite(nan)  # skipped: not a check step
+    model._batch_idx = 3
+    with pytest.raises(FloatingPointError, match="nan"):
+        model._check_finite(nan)
