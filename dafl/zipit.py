@@ -435,7 +435,8 @@ class ZippedClassifier(nn.Module):
             return -(mean_probs * mean_probs.clamp_min(1e-12).log()).sum() + (
                 probs * probs.clamp_min(1e-12).log()).sum(1).mean()
 
-        before = float(information())
+        with torch.no_grad():
+            before = float(information())
         optimizer = torch.optim.Adam([log_scale, shift], lr=0.05)
         for _ in range(steps):
             optimizer.zero_grad()
@@ -446,7 +447,9 @@ class ZippedClassifier(nn.Module):
             self.head_scale.copy_(scale)
             self.head_shift.copy_(-mean * scale + shift - shift[0])
         self.train(was)
-        return {"information_before": before, "information_after": float(information())}
+        with torch.no_grad():
+            after = float(information())
+        return {"information_before": before, "information_after": after}
 
 
 def build_zipped(models: list[nn.Module], class_lists: list[list[int]], base_arch: str, depth: int,
