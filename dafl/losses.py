@@ -30,7 +30,9 @@ def information_entropy_loss(teacher_logits: torch.Tensor, log_base: float = 10.
     The official code uses log10; `log_base=math.e` gives nats.
     """
     mean_probs = F.softmax(teacher_logits.float(), dim=1).mean(dim=0)
-    return (mean_probs * torch.log(mean_probs)).sum() / math.log(log_base)
+    # A class no image predicts at all (softmax underflow to exactly 0, e.g. a very confident
+    # teacher) contributes 0 * log 0 = 0; the clamp keeps value and gradient finite there.
+    return (mean_probs * torch.log(mean_probs.clamp_min(1e-30))).sum() / math.log(log_base)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

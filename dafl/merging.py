@@ -202,8 +202,8 @@ def _write_output(spec: dict, merged_models: dict, teachers, metas, class_lists,
             f"- Merge images: {cfg['merge_images']} from {'a DAFL generator per teacher (no data)' if key[0] == 'generator' else 'the real training split (labels unused)'}",
             f"- alpha {cfg['alpha']}, beta {cfg['beta']}; BatchNorm statistics reset on the merge images; "
             "heads standardised (logit mean/std over the merge images), then one scale and shift per head fitted "
-            "to maximise the mutual information between image and predicted class (no labels), placed at "
-            "their class indices",
+            "to maximise the mutual information between image and predicted class (no labels), rescaled "
+            "together to the teachers' own logit spread, placed at their class indices",
             f"- Test accuracy (real test set): joint {100 * accuracy['joint']:.2f}%, "
             + ", ".join(f"{k} {100 * v:.2f}%" for k, v in accuracy.items() if k != "joint"),
             f"- Made by: `{metadata['command']}`",

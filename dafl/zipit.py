@@ -413,20 +413,24 @@ class ZippedClassifier(nn.Module):
         """Fit each head's logit scale and shift on unlabeled images (no labels): start from
         standardised logits (zero mean, unit variance per head), then maximise the mutual
         information between image and predicted class, H(mean p) - mean H(p): predictions
-        confident, classes balanced. Only the heads' relative placement is learnt (2 numbers
-        per head), so the tasks' own decisions are untouched. Returns the information before
-        and after (nats)."""
+        confident, classes balanced. That fixes which head wins where (every argmax). The
+        information alone would also make every head ever more confident, so one common
+        positive factor then brings the heads' spreads back to the geometric mean of the
+        teachers' own (same argmaxes, the teachers' temperature): KD targets stay soft. The
+        tasks' own decisions are untouched. Returns the information before and after the
+        fit (nats)."""
         was = self.training
         self.eval()
         with torch.no_grad():
             heads = [torch.cat(parts) for parts in zip(*(self.head_logits(images)[0] for images in batches))]
         mean = torch.stack([h.mean() for h in heads])
         std = torch.stack([h.std(unbiased=False).clamp_min(1e-6) for h in heads])
+        common = std.log().mean().exp()
         log_scale = torch.zeros(len(heads), requires_grad=True)
         shift = torch.zeros(len(heads), requires_grad=True)
 
         def information() -> torch.Tensor:
-            scale = (log_scale.exp() / std)
+            scale = log_scale.exp() / std
             total = heads[0].new_zeros(heads[0].shape[0], self.num_classes)
             for k, (h, classes) in enumerate(zip(heads, self.class_lists)):
                 total[:, classes] += (h - mean[k]) * scale[k] + shift[k] - shift[0]
@@ -443,9 +447,12 @@ class ZippedClassifier(nn.Module):
             (-information()).backward()
             optimizer.step()
         with torch.no_grad():
-            scale = log_scale.exp() / std
+            # One positive factor for all calibrated logits leaves every argmax as fitted and
+            # resets the temperature: the heads' spreads get the teachers' geometric mean.
+            factor = common / log_scale.mean().exp()
+            scale = factor * log_scale.exp() / std
             self.head_scale.copy_(scale)
-            self.head_shift.copy_(-mean * scale + shift - shift[0])
+            self.head_shift.copy_(-mean * scale + factor * (shift - shift[0]))
         self.train(was)
         with torch.no_grad():
             after = float(information())

@@ -30,6 +30,15 @@ def test_information_entropy_loss_by_hand():
     assert information_entropy_loss(collapsed).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_information_entropy_is_finite_when_a_class_probability_underflows():
+    # softmax(-1000) is exactly 0 in float32: 0 * log 0 must count as 0, with a finite gradient.
+    logits = torch.tensor([[1000.0, 0.0, 0.0], [1000.0, 0.0, 0.0]], requires_grad=True)
+    loss = information_entropy_loss(logits)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert torch.isfinite(logits.grad).all()
+
+
 def test_information_entropy_is_a_batch_statistic():
     logits = torch.randn(8, 5)
     full = information_entropy_loss(logits)

@@ -155,6 +155,11 @@ def test_head_calibration_balances_heads_of_unrelated_scales():
     # Within each task the decision is the original teacher's: calibration only places heads.
     torch.testing.assert_close(zipped(x)[:, :5].argmax(1), a(x).argmax(1))
     torch.testing.assert_close(zipped(x)[:, 5:].argmax(1), b(x).argmax(1))
+    # The overall temperature stays the teachers' (geometric mean of the heads' logit spreads),
+    # so KD targets keep their soft information: only the relative scale is fitted.
+    with torch.no_grad():
+        spreads = torch.stack([h.std(unbiased=False) for h in zipped.head_logits(x)[0]])
+    torch.testing.assert_close((zipped.head_scale * spreads).log().mean(), spreads.log().mean(), rtol=1e-4, atol=1e-4)
 
 
 def test_batchnorm_reset_uses_the_merge_images():
