@@ -43,7 +43,7 @@ RECIPES = {
 }
 VARIANTS = {
     "plain PyTorch (published code)": {},
-    "dafl, fp32": {},
+    "dafl (fp32)": {},
     "dafl + channels_last": {"channels_last": True},
     "dafl + bf16": {"precision": "bf16-mixed"},
     "dafl + fused optimizers": {"fused": True},
@@ -251,7 +251,7 @@ def main():
 
 def scaling(args) -> list[str]:
     """images/s of the fastest dafl setting that works here against batch size and width."""
-    variant = args.variants or "dafl, fp32"
+    variant = args.variants or "dafl (fp32)"
     lines = [f"### Scaling ({args.recipe} recipe, variant `{variant}`)", "",
              "| batch | generator width | images/s | peak memory (MB) |", "|---|---|---|---|"]
     for width in (32, 64, 128):
