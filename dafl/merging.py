@@ -109,6 +109,8 @@ def zip_main(argv: list[str]) -> None:
     parser.add_argument("--config", default="configs/fashion_mnist/zipit.yaml", help="zip YAML")
     parser.add_argument("--out", default=None, help="output folder (default runs/zip_<config name>)")
     parser.add_argument("--sources", default=None, help="comma-separated subset of: real, generator")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing table and existing merged-teacher files")
     opts = parser.parse_args(argv)
     config_path = resolve(opts.config)
     if not config_path.is_file():
@@ -129,13 +131,17 @@ def zip_main(argv: list[str]) -> None:
         if spec.get("method", "zipit") not in ("zipit", "permutation", "average", "ensemble") or \
                 spec.get("source", "generator") not in ("real", "generator"):
             raise ConfigError(f"bad output {spec}: method zipit|permutation|average|ensemble, source real|generator")
+    out = Path(opts.out or f"runs/zip_{config_path.stem}")
+    existing = [str(p) for p in [out / "table.md", *(Path(spec["path"]) for spec in cfg["outputs"] if spec.get("path"))]
+                if p.exists()]
+    if existing and not opts.overwrite:
+        raise ConfigError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace, or --out elsewhere")
     teachers, metas, class_lists = load_teachers(cfg["teachers"])
     meta = metas[0]
     info = dataset_info(meta["dataset"])
     test = load_split(meta["dataset"], "test")
     adapter = InputAdapter(meta["native_size"], meta["image_size"], meta["mean"], meta["std"])
     test_images, test_labels = adapter(test.images), test.labels
-    out = Path(opts.out or f"runs/zip_{config_path.stem}")
     out.mkdir(parents=True, exist_ok=True)
 
     from tqdm import tqdm

@@ -182,6 +182,13 @@ def test_zip_writes_table_and_merged_teacher(run_cli, tmp_path):
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
 
 
+def test_zip_never_overwrites_without_being_asked(run_cli, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "table.md").write_text("earlier result")
+    line = one_line_error(run_cli("zip", "--out", tmp_path / "out"))
+    assert "--overwrite" in line and (tmp_path / "out" / "table.md").read_text() == "earlier result"
+
+
 @pytest.mark.parametrize("args,message", [
     (["--sources", "webcam"], "unknown image source"),
     (["--config", "nope.yaml"], "zip config not found"),
