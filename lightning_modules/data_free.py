@@ -53,6 +53,7 @@ class DataFreeDistillation(L.LightningModule):
         augment_shift: int = 0,
         augment_flip: bool = False,
         mixup_alpha: float = 0.0,
+        cutmix_prob: float = 0.0,
         generator_optimizer: Optional[OptimizerCallable] = None,
         student_optimizer: Optional[OptimizerCallable] = None,
         student_lr_schedule: Literal["constant", "cosine", "multistep"] = "constant",
@@ -89,6 +90,8 @@ class DataFreeDistillation(L.LightningModule):
             augment_shift, augment_flip: augmentation of the student's synthetic batches.
             mixup_alpha: blend each student image with another of its batch, weight ~
                 Beta(alpha, alpha); the teacher labels the blend (0: off).
+            cutmix_prob: probability that a student batch gets CutMix (a box of a partner
+                image pasted in; the teacher labels the result) instead of mixup (0: off).
             val_size: synthetic images from a fixed held-out latent bank for the label-free
                 validation signal `val/agreement` (student-teacher top-1 agreement).
             channels_last, compile: speed settings that do not change the method: NHWC memory
@@ -109,7 +112,7 @@ class DataFreeDistillation(L.LightningModule):
         shape = {k: self.teacher_meta[k] for k in ("in_channels", "num_classes", "image_size")}
         self.student = StudentObjective(student_arch, **shape, temperature=kd_temperature,
                                         augment_shift=augment_shift, augment_flip=augment_flip,
-                                        mixup_alpha=mixup_alpha)
+                                        mixup_alpha=mixup_alpha, cutmix_prob=cutmix_prob)
         self.generator = GeneratorObjective(latent_dim, shape["image_size"], shape["in_channels"], generator_width,
                                             one_hot_weight, activation_weight, entropy_weight, entropy_log_base,
                                             bn_stat_weight, adversarial_weight, shape["num_classes"],
@@ -149,6 +152,8 @@ class DataFreeDistillation(L.LightningModule):
                      "diversity_weight", "replay_size", "augment_shift", "mixup_alpha"):
             if hp[name] < 0:
                 raise ConfigError(f"{name} must be >= 0, got {hp[name]}")
+        if not 0 <= hp.cutmix_prob <= 1:
+            raise ConfigError(f"cutmix_prob must be in [0, 1], got {hp.cutmix_prob}")
         if hp.kd_temperature <= 0 or hp.entropy_log_base <= 1:
             raise ConfigError("kd_temperature must be > 0 and entropy_log_base > 1")
         if hp.synthetic == "gaussian" and hp.schedule == "official":

@@ -73,6 +73,7 @@ def test_corrupt_teacher_file(run_cli, tmp_path):
 @pytest.mark.parametrize("flag,value,message", [
     ("--model.batch_size", "0", "batch_size must be positive"),
     ("--model.entropy_weight", "-1", "entropy_weight must be >= 0"),
+    ("--model.cutmix_prob", "1.5", "cutmix_prob must be in [0, 1]"),
     ("--model.student_arch", "lenet9", "unknown architecture"),
     ("--data.eval_dataset", "svhn", "unknown dataset"),
 ])

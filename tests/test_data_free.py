@@ -178,9 +178,35 @@ def test_mixup_blends_pairs_of_the_batch():
     assert mixed.min() >= 0 and mixed.max() <= 7
 
 
+def test_cutmix_pastes_one_box_of_a_partner_image():
+    from lightning_modules.student import cutmix
+
+    torch.manual_seed(0)
+    x = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 16, 16).contiguous()  # image i is constant i
+    assert cutmix(x, 0.0) is x
+    boxes = 0
+    for _ in range(20):
+        mixed = cutmix(x, 1.0)
+        changed = mixed != x
+        assert mixed.shape == x.shape
+        if not changed.any():
+            continue  # an empty box, or every image its own partner
+        boxes += 1
+        # Outside the box each image is itself; inside it is one constant partner image.
+        rows, cols = changed.any(0)[0].any(1).nonzero(), changed.any(0)[0].any(0).nonzero()
+        box = (slice(int(rows.min()), int(rows.max()) + 1), slice(int(cols.min()), int(cols.max()) + 1))
+        outside = torch.ones(16, 16, dtype=torch.bool)
+        outside[box] = False
+        assert torch.equal(mixed[:, 0][:, outside], x[:, 0][:, outside])
+        inside = mixed[:, 0][(slice(None), *box)]
+        assert torch.equal(inside, inside[:, :1, :1].expand_as(inside))
+        assert sorted(inside[:, 0, 0].tolist()) == list(range(8))  # partners are a permutation
+    assert boxes > 10
+
+
 def test_native_generator_and_new_levers_train(digits_teacher):
     model = best_preset(digits_teacher[0], generator_arch="native", mixup_alpha=1.0, diversity_weight=0.1,
-                        adversarial_weight=0.1, **FAST)
+                        adversarial_weight=0.1, cutmix_prob=0.5, **FAST)
     images = model.generator(model.generator.latents(4)[0])
     assert images.shape == (4, 1, 32, 32)  # digits: 8x8 pixels resized to the network's 32x32
     before = [p.clone() for p in model.generator.parameters()]

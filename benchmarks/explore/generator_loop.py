@@ -47,6 +47,12 @@ p.add_argument("--cond", type=int, default=0)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--eval_every", type=int, default=100)
 p.add_argument("--save", default="")
+p.add_argument("--ema", type=float, default=0.0)    # EMA of student weights, evaluated at the end
+p.add_argument("--cutmix", type=float, default=0.0)  # probability a student batch uses CutMix instead of mixup
+p.add_argument("--g_shift", type=int, default=0)   # random shift of generated images before the teacher (generator step)
+p.add_argument("--s_bs", type=int, default=0)      # student batch size (default: bs)
+p.add_argument("--n_gen", type=int, default=1)
+p.add_argument("--balance", type=int, default=0)   # replay sampling balanced over the teacher's classes     # several generators, round-robin, one memory
 a = p.parse_args()
 torch.set_num_threads(2); torch.manual_seed(a.seed)
 T, meta = load_classifier(a.teacher); T.eval().requires_grad_(False)
@@ -85,11 +91,14 @@ def make_gen():
     else:
         g = SmallGen(100, a.width, deep=(a.gen == "deep"))
     return g, torch.optim.Adam(g.parameters(), lr=a.g_lr, betas=(0.5, 0.999))
-G, opt_g = make_gen()
+gens = [make_gen() for _ in range(a.n_gen)]
+G, opt_g = gens[0]
 S = build_model("lenet5_half", in_channels=1, num_classes=10, image_size=32)
 if a.init_student:
     S.load_state_dict(torch.load(a.init_student)); print("init student acc", acc(S))
 proj = nn.Linear(60, 120)
+import copy
+S_ema = copy.deepcopy(S).requires_grad_(False)
 opt_s = torch.optim.SGD(list(S.parameters()) + list(proj.parameters()), lr=a.s_lr, momentum=0.9, weight_decay=5e-4)
 acts = {}
 def keep(name):
@@ -124,6 +133,12 @@ def aug(x):
         pix = x * std + mean
         f = 1 - a.bright * torch.rand(x.shape[0], 1, 1, 1)
         x = ((pix * f).clamp(0, 1) - mean) / std
+    if a.cutmix and torch.rand(()) < a.cutmix:
+        n = x.shape[0]; perm = torch.randperm(n)
+        lam = torch.distributions.Beta(1.0, 1.0).sample().item()
+        cut = int(round(28 * math.sqrt(1 - lam))); cy, cx = torch.randint(border, 32 - border - cut + 1, (2,)).tolist() if cut < 28 else (border, border)
+        x = x.clone(); x[:, :, cy:cy + cut, cx:cx + cut] = x[perm][:, :, cy:cy + cut, cx:cx + cut]
+        return x
     if a.mixup:
         lam = torch.distributions.Beta(a.mixup, a.mixup).sample((x.shape[0], 1, 1, 1))
         x = lam * x + (1 - lam) * x[torch.randperm(x.shape[0])]
@@ -131,15 +146,22 @@ def aug(x):
 def s_loss(sl, tl):
     if a.s_loss == "kl": return kd_loss(sl, tl, a.T)
     if a.s_loss == "l1": return (sl - tl).abs().mean()
+    if a.s_loss == "mse": return F.mse_loss(sl, tl)
 t0 = time.time(); log = []
 for it in range(a.iters):
     if a.reinit and it and it % a.reinit == 0:
         G, opt_g = make_gen()
+    if a.n_gen > 1:
+        G, opt_g = gens[it % a.n_gen]
     for _ in range(a.g_steps):
         z, y = latents(a.bs)
         x = gen(z)
+        xt = x
+        if a.g_shift:
+            xp = F.pad(x, [a.g_shift] * 4, value=-mean / std)
+            dx, dy = torch.randint(0, 2 * a.g_shift + 1, (2,)).tolist(); xt = xp[:, :, dy:dy + 32, dx:dx + 32]
         if hooks: hooks.recording = True
-        tl, feat = T(x, return_features=True)
+        tl, feat = T(xt, return_features=True)
         if hooks: hooks.recording = False
         ce = F.cross_entropy(tl, tl.argmax(1) if y is None else y)
         loss = a.oh * ce + a.ie * information_entropy_loss(tl) - a.act * feat.abs().mean()
@@ -159,8 +181,15 @@ for it in range(a.iters):
         xd = x.detach(); n = len(xd)
         idx = (torch.arange(n) + count) % a.replay; mem[idx] = xd; count += n
     for _ in range(a.s_steps):
-        if a.replay:
-            xb = mem[torch.randint(0, min(count, a.replay), (a.bs,))]
+        if a.replay and a.balance:
+            filled = min(count, a.replay)
+            with torch.no_grad():
+                if it % 10 == 0 or it < 2:  # teacher's class of each stored image, refreshed every 10 iterations
+                    mem_cls = torch.cat([T(c).argmax(1) for c in mem[:filled].split(2048)])
+                w = 1.0 / torch.bincount(mem_cls, minlength=10).float().clamp(min=1)[mem_cls]
+            xb = mem[torch.multinomial(w, a.s_bs or a.bs, replacement=True)]
+        elif a.replay:
+            xb = mem[torch.randint(0, min(count, a.replay), (a.s_bs or a.bs,))]
         else:
             with torch.no_grad(): xb = gen(latents(a.bs)[0])
         xb = aug(xb)
@@ -181,15 +210,23 @@ for it in range(a.iters):
         if a.feat: l = l + a.feat * F.mse_loss(proj(sf), tf)
         if a.at: l = l + a.at * ((att(acts["s1"]) - att(t1)).pow(2).sum(1).mean() + (att(acts["s2"]) - att(t2)).pow(2).sum(1).mean())
         opt_s.zero_grad(); l.backward(); opt_s.step(); sched.step()
+        if a.ema:
+            with torch.no_grad():
+                for pe, ps in zip(S_ema.parameters(), S.parameters()): pe.lerp_(ps, 1 - a.ema)
     if (it + 1) % a.eval_every == 0 or it + 1 == a.iters:
         r = acc(S); log.append((it + 1, round(time.time() - t0), r))
         print(f"it {it+1} {time.time()-t0:.0f}s acc {r:.4f} ce {ce.item():.3f} bn {bnl.item() if hooks else 0:.2f} kd {l.item():.3f}", flush=True)
+if a.ema:
+    print("raw student final", acc(S)); S = S_ema
 S.eval()
 with torch.no_grad():
     pred = torch.cat([S(x).argmax(1) for x in test_x.split(2000)]); tp = torch.cat([T(x).argmax(1) for x in test_x.split(2000)])
 print("per-class student", [round((pred[test_y == c] == c).float().mean().item(), 2) for c in range(10)])
 print("per-class teacher", [round((tp[test_y == c] == c).float().mean().item(), 2) for c in range(10)])
 print("agreement with teacher", (pred == tp).float().mean().item())
+with torch.no_grad():
+    mc = torch.cat([T(c).argmax(1) for c in mem[:min(count, a.replay)].split(2048)])
+print("teacher classes of the replay memory", torch.bincount(mc, minlength=10).tolist())
 print(json.dumps({"final": acc(S), "secs": round(time.time() - t0), "log": log, **{k: v for k, v in vars(a).items() if k != "teacher"}}))
 if a.save:
     with torch.no_grad(): torch.save(gen(latents(64)[0]), a.save)
