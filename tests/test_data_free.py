@@ -253,3 +253,24 @@ def test_finite_check_every_n_steps_still_catches_a_nan(digits_teacher):
     model._batch_idx = 3
     with pytest.raises(FloatingPointError, match="nan"):
         model._check_finite(nan)
+
+
+def test_student_lr_warmup_multiplies_the_cosine_schedule(digits_teacher):
+    """Warm-up is linear from lr/w to lr over w iterations, on top of the cosine decay."""
+    import math
+
+    base, warmup, iterations = 0.1, 4, 8
+    model = best_preset(digits_teacher[0], student_lr_warmup=warmup, student_steps=1, replay_size=0, **FAST)
+    seen = []
+
+    class RecordLr(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(pl_module.optimizers()[1].param_groups[0]["lr"])
+
+    trainer = quiet_trainer(max_epochs=1, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[RecordLr()])
+    trainer.fit(model, datamodule=DataFreeDataModule(None, iterations_per_epoch=iterations))
+    expected = [base * min(1.0, 1 / warmup + (1 - 1 / warmup) * k / warmup) * 0.5 * (1 + math.cos(math.pi * k / iterations))
+                for k in range(iterations)]
+    assert seen == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ConfigError, match="student_lr_warmup"):
+        DataFreeDistillation(teacher=str(digits_teacher[0]), student_lr_warmup=-1)
