@@ -52,7 +52,9 @@ p.add_argument("--cutmix", type=float, default=0.0)  # probability a student bat
 p.add_argument("--g_shift", type=int, default=0)   # random shift of generated images before the teacher (generator step)
 p.add_argument("--s_bs", type=int, default=0)      # student batch size (default: bs)
 p.add_argument("--n_gen", type=int, default=1)
-p.add_argument("--balance", type=int, default=0)   # replay sampling balanced over the teacher's classes     # several generators, round-robin, one memory
+p.add_argument("--balance", type=int, default=0)
+p.add_argument("--clip", type=float, default=0.0)     # student gradient-norm clipping
+p.add_argument("--s_warmup", type=int, default=0)     # student lr: linear warm-up over this many student steps   # replay sampling balanced over the teacher's classes     # several generators, round-robin, one memory
 a = p.parse_args()
 torch.set_num_threads(2); torch.manual_seed(a.seed)
 T, meta = load_classifier(a.teacher); T.eval().requires_grad_(False)
@@ -109,7 +111,10 @@ S.features[2].register_forward_hook(keep("s1")); S.features[6].register_forward_
 def att(f):
     return F.normalize(f.pow(2).mean(1).flatten(1), dim=1)
 total_s = a.iters * a.s_steps
-sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, total_s)
+if a.s_warmup:
+    sched = torch.optim.lr_scheduler.LambdaLR(opt_s, lambda k: min(1.0, (k + 1) / a.s_warmup) * 0.5 * (1 + math.cos(math.pi * k / total_s)))
+else:
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, total_s)
 mem = torch.zeros(a.replay, 1, 32, 32); count = 0
 frame = torch.zeros(1, 1, 32, 32); frame[..., border:32 - border, border:32 - border] = 1
 def latents(n):
@@ -209,7 +214,9 @@ for it in range(a.iters):
         l = s_loss(sl, tl)
         if a.feat: l = l + a.feat * F.mse_loss(proj(sf), tf)
         if a.at: l = l + a.at * ((att(acts["s1"]) - att(t1)).pow(2).sum(1).mean() + (att(acts["s2"]) - att(t2)).pow(2).sum(1).mean())
-        opt_s.zero_grad(); l.backward(); opt_s.step(); sched.step()
+        opt_s.zero_grad(); l.backward()
+        if a.clip: torch.nn.utils.clip_grad_norm_(S.parameters(), a.clip)
+        opt_s.step(); sched.step()
         if a.ema:
             with torch.no_grad():
                 for pe, ps in zip(S_ema.parameters(), S.parameters()): pe.lerp_(ps, 1 - a.ema)
