@@ -52,14 +52,11 @@ def mixup(images: torch.Tensor, alpha: float) -> torch.Tensor:
     return weight * images + (1 - weight) * partner
 
 
-def cutmix(images: torch.Tensor, prob: float) -> torch.Tensor:
-    """With probability `prob`, paste one box from a random partner of the batch into every
-    image (Yun et al., 2019): box area ~ U(0, 1) of the image, same box for the whole batch,
-    partners by a random permutation. Again the teacher labels the result, so the student
-    learns from images with parts of two synthetic objects (local evidence), unlike mixup's
-    global blends. Returns the input unchanged when not applied."""
-    if prob <= 0 or torch.rand(()) >= prob:
-        return images
+def cutmix(images: torch.Tensor) -> torch.Tensor:
+    """Paste one box from a random partner of the batch into every image (Yun et al., 2019):
+    box area ~ U(0, 1) of the image, same box for the whole batch, partners by a random
+    permutation. Again the teacher labels the result, so the student learns from images
+    with parts of two synthetic objects (local evidence), unlike mixup's global blends."""
     height, width = images.shape[-2:]
     side = math.sqrt(torch.rand(()).item())  # box side fraction: area fraction ~ U(0, 1)
     box_h, box_w = round(height * side), round(width * side)
@@ -90,8 +87,9 @@ class StudentObjective(nn.Module):
         teacher labels whatever the student sees, so every augmented or blended image is a
         new, correctly labelled training point (benchmarks/explore/README.md)."""
         images = random_shift_flip(images, self.augment_shift, self.augment_flip)
-        mixed = cutmix(images, self.cutmix_prob)
-        return mixed if mixed is not images else mixup(images, self.mixup_alpha)
+        if self.cutmix_prob > 0 and torch.rand(()) < self.cutmix_prob:
+            return cutmix(images)
+        return mixup(images, self.mixup_alpha)
 
     def loss(self, images: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         return kd_loss(self.net(images), teacher_logits.detach(), self.temperature)

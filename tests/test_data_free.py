@@ -183,10 +183,9 @@ def test_cutmix_pastes_one_box_of_a_partner_image():
 
     torch.manual_seed(0)
     x = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 16, 16).contiguous()  # image i is constant i
-    assert cutmix(x, 0.0) is x
     boxes = 0
     for _ in range(20):
-        mixed = cutmix(x, 1.0)
+        mixed = cutmix(x)
         changed = mixed != x
         assert mixed.shape == x.shape
         if not changed.any():
@@ -202,6 +201,20 @@ def test_cutmix_pastes_one_box_of_a_partner_image():
         assert torch.equal(inside, inside[:, :1, :1].expand_as(inside))
         assert sorted(inside[:, 0, 0].tolist()) == list(range(8))  # partners are a permutation
     assert boxes > 10
+
+
+def test_student_augment_chooses_cutmix_by_probability():
+    from lightning_modules.student import StudentObjective
+
+    torch.manual_seed(0)
+    x = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 16, 16).contiguous()
+    plain = StudentObjective("lenet5_half", 1, 10, 32, mixup_alpha=0.0, cutmix_prob=0.0)
+    assert torch.equal(plain.augment(x), x)  # neither lever on: the batch is untouched
+    boxed = StudentObjective("lenet5_half", 1, 10, 32, mixup_alpha=0.0, cutmix_prob=1.0)
+    # CutMix keeps every pixel an original value (a box, never a blend).
+    assert all(torch.isin(boxed.augment(x), x).all() for _ in range(5))
+    blended = StudentObjective("lenet5_half", 1, 10, 32, mixup_alpha=1.0, cutmix_prob=0.0)
+    assert not torch.isin(blended.augment(x), x).all()  # mixup: blends between integers
 
 
 def test_native_generator_and_new_levers_train(digits_teacher):
