@@ -49,6 +49,7 @@ class DataFreeDistillation(L.LightningModule):
         kd_temperature: float = 1.0,
         native_padding: bool = False,
         class_conditional: bool = False,
+        balanced_one_hot: bool = False,
         replay_size: int = 0,
         augment_shift: int = 0,
         augment_flip: bool = False,
@@ -86,6 +87,9 @@ class DataFreeDistillation(L.LightningModule):
                 padded from the teacher's native size (e.g. 28 -> 32 for Fashion-MNIST).
             class_conditional: the generator gets a one-hot class code in its latent and the
                 one-hot loss asks for that class (balanced classes by construction).
+            balanced_one_hot: the one-hot loss aims each batch at a class quota (every class
+                n/classes images, assigned by the teacher's probabilities) instead of the
+                arg-max: the generator is pushed towards classes it rarely produces.
             replay_size: images kept from earlier generator batches; student steps sample from
                 them (0: students train on fresh generator samples).
             augment_shift, augment_flip: augmentation of the student's synthetic batches.
@@ -121,7 +125,8 @@ class DataFreeDistillation(L.LightningModule):
         self.generator = GeneratorObjective(latent_dim, shape["image_size"], shape["in_channels"], generator_width,
                                             one_hot_weight, activation_weight, entropy_weight, entropy_log_base,
                                             bn_stat_weight, adversarial_weight, shape["num_classes"],
-                                            class_conditional, generator_arch, self.teacher_meta, diversity_weight)
+                                            class_conditional, generator_arch, self.teacher_meta, diversity_weight,
+                                            balanced_one_hot)
         if native_padding:
             self._set_native_frame()
         self.generator.attach(self.teacher)
@@ -163,6 +168,8 @@ class DataFreeDistillation(L.LightningModule):
             raise ConfigError("kd_temperature must be > 0 and entropy_log_base > 1")
         if hp.synthetic == "gaussian" and hp.schedule == "official":
             raise ConfigError("synthetic 'gaussian' trains no generator: use schedule 'alternating'")
+        if hp.balanced_one_hot and hp.class_conditional:
+            raise ConfigError("balanced_one_hot and class_conditional both balance the classes: choose one")
         if hp.native_padding and hp.generator_arch == "native":
             raise ConfigError("native_padding is for generator_arch 'dafl'; the native generator pads like real inputs")
         if hp.schedule == "official" and (hp.generator_steps != 1 or hp.student_steps != 1 or hp.replay_size):

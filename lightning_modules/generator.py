@@ -10,7 +10,7 @@ from torch import nn
 
 from dafl.errors import ConfigError
 from dafl.losses import (BatchNormStatistics, activation_loss, batchnorm_statistics_loss,
-                         information_entropy_loss, l1_disagreement, mode_seeking_loss, one_hot_loss)
+                         balanced_targets, information_entropy_loss, l1_disagreement, mode_seeking_loss, one_hot_loss)
 from dafl.models import build_model
 
 
@@ -21,14 +21,16 @@ class GeneratorObjective(nn.Module):
     def __init__(self, latent_dim: int, image_size: int, channels: int, width: int,
                  one_hot_weight: float, activation_weight: float, entropy_weight: float, entropy_log_base: float,
                  bn_stat_weight: float, adversarial_weight: float, num_classes: int = 10, conditional: bool = False,
-                 arch: str = "dafl", input_meta: Optional[dict] = None, diversity_weight: float = 0.0):
+                 arch: str = "dafl", input_meta: Optional[dict] = None, diversity_weight: float = 0.0,
+                 balanced_one_hot: bool = False):
         """`arch`: 'dafl' (the official generator, output in the normalised space) or
         'native' (pixels at the dataset's native size through the real-input adapter; needs
-        `input_meta` with native_size, mean, std)."""
+        `input_meta` with native_size, mean, std). `balanced_one_hot`: the one-hot loss
+        aims at `balanced_targets` (a class quota per batch) instead of the arg-max."""
         super().__init__()
         if conditional and num_classes > latent_dim:
             raise ConfigError(f"class-conditional generation needs latent_dim >= {num_classes} classes")
-        self.num_classes, self.conditional = num_classes, conditional
+        self.num_classes, self.conditional, self.balanced_one_hot = num_classes, conditional, balanced_one_hot
         shape = {"latent_dim": latent_dim, "image_size": image_size, "channels": channels, "width": width}
         if arch == "native":
             missing = [k for k in ("native_size", "mean", "std") if (input_meta or {}).get(k) is None]
@@ -119,6 +121,8 @@ class GeneratorObjective(nn.Module):
         teacher_logits, features = teacher(images, return_features=True)
         if self._bn_hooks is not None:
             self._bn_hooks.recording = False
+        if targets is None and self.balanced_one_hot:
+            targets = balanced_targets(teacher_logits)
         losses = {"oh": one_hot_loss(teacher_logits, targets), "a": activation_loss(features),
                   "ie": information_entropy_loss(gather(teacher_logits), self.entropy_log_base)}
         if self._bn_hooks is not None:

@@ -165,6 +165,16 @@ def test_class_conditional_latents_are_balanced_and_coded(digits_teacher):
         DataFreeDistillation(teacher=str(digits_teacher[0]), class_conditional=True, latent_dim=5)
 
 
+def test_balanced_one_hot_aims_at_a_class_quota(digits_teacher):
+    model = DataFreeDistillation(teacher=str(digits_teacher[0]), balanced_one_hot=True, **FAST)
+    images = torch.zeros(20, 1, 32, 32)  # one image 20 times: the teacher gives one class to all
+    losses, logits, _ = model.generator.losses(images, model.teacher)
+    argmax_loss = torch.nn.functional.cross_entropy(logits, logits.argmax(1))
+    assert losses["oh"].item() > argmax_loss.item()  # 18 of the 20 are asked for other classes
+    with pytest.raises(ConfigError, match="choose one"):
+        DataFreeDistillation(teacher=str(digits_teacher[0]), balanced_one_hot=True, class_conditional=True)
+
+
 def test_mixup_blends_pairs_of_the_batch():
     from lightning_modules.student import mixup
 

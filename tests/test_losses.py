@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from dafl.losses import (BatchNormStatistics, activation_loss, batchnorm_statistics_loss, information_entropy_loss,
+from dafl.losses import (BatchNormStatistics, activation_loss, balanced_targets, batchnorm_statistics_loss,
+                         information_entropy_loss,
                          kd_loss, l1_disagreement, mode_seeking_loss, one_hot_loss)
 
 
@@ -97,6 +98,19 @@ def test_one_hot_loss_with_requested_classes():
     targets = torch.tensor([1, 1])  # the first image was asked to show class 1, the teacher says 0
     expected = (math.log(1 + math.exp(2)) + math.log(1 + math.exp(-1))) / 2
     assert one_hot_loss(logits, targets).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_balanced_targets_by_hand():
+    # Already one image per class: the quota changes nothing, targets are the arg-max.
+    logits = torch.tensor([[0.0, 3.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    assert balanced_targets(logits).tolist() == [1, 0, 2]
+    # Four images, two classes, all prefer class 0: two slots per class. The two that lose
+    # least by moving (log p(1) - log p(0) largest: images 1 and 3) go to class 1.
+    logits = torch.tensor([[4.0, 0.0], [1.0, 0.5], [3.0, 0.0], [2.0, 1.8]])
+    assert balanced_targets(logits).tolist() == [0, 1, 0, 1]
+    # Uneven sizes: 5 images, 2 classes -> at most 3 per class.
+    targets = balanced_targets(torch.tensor([[5.0, 0.0]] * 5))
+    assert sorted(torch.bincount(targets, minlength=2).tolist()) == [2, 3]
 
 
 def test_mode_seeking_loss_by_hand():

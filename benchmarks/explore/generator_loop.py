@@ -54,9 +54,15 @@ p.add_argument("--s_bs", type=int, default=0)      # student batch size (default
 p.add_argument("--n_gen", type=int, default=1)
 p.add_argument("--balance", type=int, default=0)
 p.add_argument("--clip", type=float, default=0.0)     # student gradient-norm clipping
-p.add_argument("--s_warmup", type=int, default=0)     # student lr: linear warm-up over this many student steps   # replay sampling balanced over the teacher's classes     # several generators, round-robin, one memory
+p.add_argument("--s_warmup", type=int, default=0)     # student lr: linear warm-up over this many student steps
+p.add_argument("--in_stat", type=float, default=0.0)  # generator: batch pixel mean/std match the dataset's normalisation constants
+p.add_argument("--rrc", type=float, default=0.0)      # student: random resized crop, area scale in [rrc, 1] (0 = off)
+p.add_argument("--mix3", type=int, default=0)         # student: mixup on top of a CutMix batch (three images per input)
+p.add_argument("--jac", type=float, default=0.0)      # Jacobian matching (Srinivas & Fleuret 2018): student input gradient of the teacher's class
+p.add_argument("--threads", type=int, default=2)
+p.add_argument("--quota", type=int, default=0)        # one-hot targets by balanced assignment (each class n/10 of the batch)
 a = p.parse_args()
-torch.set_num_threads(2); torch.manual_seed(a.seed)
+torch.set_num_threads(a.threads); torch.manual_seed(a.seed)
 T, meta = load_classifier(a.teacher); T.eval().requires_grad_(False)
 adapter = InputAdapter(meta["native_size"], meta["image_size"], meta["mean"], meta["std"])
 test = load_split(meta.get("dataset") or "fashion-mnist", "test")
@@ -129,6 +135,15 @@ def gen(z):
         x = x * frame + (-mean / std) * (1 - frame)
     return x
 def aug(x):
+    if a.rrc:
+        n = x.shape[0]
+        scale = a.rrc + (1 - a.rrc) * torch.rand(n)
+        ratio = torch.exp((torch.rand(n) - 0.5) * math.log(4 / 3) * 2)
+        sx = (scale * ratio).sqrt().clamp(max=1); sy = (scale / ratio).sqrt().clamp(max=1)
+        tx = (torch.rand(n) * 2 - 1) * (1 - sx); ty = (torch.rand(n) * 2 - 1) * (1 - sy)
+        theta = torch.zeros(n, 2, 3); theta[:, 0, 0] = sx; theta[:, 0, 2] = tx; theta[:, 1, 1] = sy; theta[:, 1, 2] = ty
+        grid = F.affine_grid(theta, x.shape, align_corners=False)
+        x = F.grid_sample(x - (-mean / std), grid, align_corners=False) + (-mean / std)  # pad with black
     if a.s_shift:
         xp = F.pad(x, [a.s_shift] * 4, value=-mean / std)
         dx, dy = torch.randint(0, 2 * a.s_shift + 1, (2,)).tolist(); x = xp[:, :, dy:dy + 32, dx:dx + 32]
@@ -143,7 +158,8 @@ def aug(x):
         lam = torch.distributions.Beta(1.0, 1.0).sample().item()
         cut = int(round(28 * math.sqrt(1 - lam))); cy, cx = torch.randint(border, 32 - border - cut + 1, (2,)).tolist() if cut < 28 else (border, border)
         x = x.clone(); x[:, :, cy:cy + cut, cx:cx + cut] = x[perm][:, :, cy:cy + cut, cx:cx + cut]
-        return x
+        if not a.mix3:
+            return x
     if a.mixup:
         lam = torch.distributions.Beta(a.mixup, a.mixup).sample((x.shape[0], 1, 1, 1))
         x = lam * x + (1 - lam) * x[torch.randperm(x.shape[0])]
@@ -168,7 +184,14 @@ for it in range(a.iters):
         if hooks: hooks.recording = True
         tl, feat = T(xt, return_features=True)
         if hooks: hooks.recording = False
-        ce = F.cross_entropy(tl, tl.argmax(1) if y is None else y)
+        if a.quota and y is None:
+            from scipy.optimize import linear_sum_assignment
+            lp = F.log_softmax(tl.detach(), 1).repeat_interleave(len(tl) // 10 + 1, dim=1)
+            rows, cols = linear_sum_assignment(-lp.numpy())
+            yq = torch.empty(len(tl), dtype=torch.long); yq[torch.as_tensor(rows)] = torch.as_tensor(cols) // (len(tl) // 10 + 1)
+            ce = F.cross_entropy(tl, yq)
+        else:
+            ce = F.cross_entropy(tl, tl.argmax(1) if y is None else y)
         loss = a.oh * ce + a.ie * information_entropy_loss(tl) - a.act * feat.abs().mean()
         if hooks:
             recs = hooks.pop()
@@ -180,6 +203,9 @@ for it in range(a.iters):
             loss = loss + a.div * (dz / (dx + 1e-5)).mean() * 0.1
         if a.adv:
             loss = loss - a.adv * (S(x) - tl).abs().mean()
+        if a.in_stat:
+            pix = (x * std + mean)[..., border:32 - border, border:32 - border]
+            loss = loss + a.in_stat * ((pix.mean() - mean) ** 2 + (pix.std() - std) ** 2) / std ** 2
         if a.tv:
             loss = loss + a.tv * ((x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean())
         opt_g.zero_grad(); loss.backward(); opt_g.step()
@@ -208,10 +234,20 @@ for it in range(a.iters):
             xb = torch.cat([xa.detach(), xb[k:]])
         if a.noise:
             xb = xb + a.noise * torch.randn_like(xb)
-        with torch.no_grad(): tl, tf = T(xb, return_features=True)
+        if a.jac:
+            xb = xb.detach().requires_grad_()
+            tl, tf = T(xb, return_features=True)
+            cls = tl.argmax(1, keepdim=True)
+            g_t, = torch.autograd.grad(tl.gather(1, cls).sum(), xb)
+            tl, tf = tl.detach(), tf.detach()
+        else:
+            with torch.no_grad(): tl, tf = T(xb, return_features=True)
         t1, t2 = acts["t1"], acts["t2"]
         sl, sf = S(xb, return_features=True)
         l = s_loss(sl, tl)
+        if a.jac:
+            g_s, = torch.autograd.grad(sl.gather(1, cls).sum(), xb, create_graph=True)
+            l = l + a.jac * (F.normalize(g_s.flatten(1), dim=1) - F.normalize(g_t.flatten(1), dim=1)).pow(2).sum(1).mean()
         if a.feat: l = l + a.feat * F.mse_loss(proj(sf), tf)
         if a.at: l = l + a.at * ((att(acts["s1"]) - att(t1)).pow(2).sum(1).mean() + (att(acts["s2"]) - att(t2)).pow(2).sum(1).mean())
         opt_s.zero_grad(); l.backward()
@@ -222,7 +258,8 @@ for it in range(a.iters):
                 for pe, ps in zip(S_ema.parameters(), S.parameters()): pe.lerp_(ps, 1 - a.ema)
     if (it + 1) % a.eval_every == 0 or it + 1 == a.iters:
         r = acc(S); log.append((it + 1, round(time.time() - t0), r))
-        print(f"it {it+1} {time.time()-t0:.0f}s acc {r:.4f} ce {ce.item():.3f} bn {bnl.item() if hooks else 0:.2f} kd {l.item():.3f}", flush=True)
+        pm = (mem[:min(count, a.replay), :, border:32 - border, border:32 - border] * std + mean)
+        print(f"it {it+1} {time.time()-t0:.0f}s pix mean {pm.mean():.3f} std {pm.std():.3f} acc {r:.4f} ce {ce.item():.3f} bn {bnl.item() if hooks else 0:.2f} kd {l.item():.3f}", flush=True)
 if a.ema:
     print("raw student final", acc(S)); S = S_ema
 S.eval()
