@@ -5,8 +5,7 @@ import torch
 from torch import nn
 
 from dafl.losses import (BatchNormStatistics, activation_loss, balanced_targets, batchnorm_statistics_loss,
-                         information_entropy_loss,
-                         kd_loss, l1_disagreement, mode_seeking_loss, one_hot_loss)
+                         information_entropy_loss, kd_loss, l1_disagreement, mode_seeking_loss, one_hot_loss)
 
 
 def test_one_hot_loss_by_hand():
