@@ -8,7 +8,7 @@ import argparse, time, json, math, torch, torch.nn as nn, torch.nn.functional as
 from dafl.weights import load_classifier
 from dafl.models import build_model
 from dafl.datasets import load_split, InputAdapter
-from dafl.losses import BatchNormStatistics, batchnorm_statistics_loss, kd_loss, information_entropy_loss
+from dafl.losses import balanced_targets, BatchNormStatistics, batchnorm_statistics_loss, kd_loss, information_entropy_loss
 p = argparse.ArgumentParser()
 p.add_argument("--teacher", default="checkpoints/fashion_mnist_lenet5_bn.safetensors")
 p.add_argument("--iters", type=int, default=400)
@@ -185,11 +185,7 @@ for it in range(a.iters):
         tl, feat = T(xt, return_features=True)
         if hooks: hooks.recording = False
         if a.quota and y is None:
-            from scipy.optimize import linear_sum_assignment
-            lp = F.log_softmax(tl.detach(), 1).repeat_interleave(len(tl) // 10 + 1, dim=1)
-            rows, cols = linear_sum_assignment(-lp.numpy())
-            yq = torch.empty(len(tl), dtype=torch.long); yq[torch.as_tensor(rows)] = torch.as_tensor(cols) // (len(tl) // 10 + 1)
-            ce = F.cross_entropy(tl, yq)
+            ce = F.cross_entropy(tl, balanced_targets(tl))
         else:
             ce = F.cross_entropy(tl, tl.argmax(1) if y is None else y)
         loss = a.oh * ce + a.ie * information_entropy_loss(tl) - a.act * feat.abs().mean()
