@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 
@@ -105,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"dafl: error: unknown command {command!r}\n\n{__doc__.strip()}", file=sys.stderr)
             return 2
+    except argparse.ArgumentError as e:  # an option LightningCLI's parser rejected
+        print(f"dafl: error: {argument_error_line(str(e))} (`python -m dafl {command} --help` lists the options)",
+              file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001
         user_error = _user_error(e)
         if user_error is None:
@@ -112,6 +117,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dafl: error: {user_error}", file=sys.stderr)
         return 2
     return 0
+
+
+def argument_error_line(message: str) -> str:
+    """jsonargparse's multi-line report in one line: the option's full key and the reasons.
+
+    Its reports nest one 'Parser key "K":' per level (model -> cutmix_prob) and, for
+    options that may also be null, list a 'NoneType' alternative that only adds noise."""
+    keys = list(dict.fromkeys(re.findall(r'Parser key "([^"]+)"', message)))
+    reasons, given = [], None
+    for line in (l.strip().lstrip("- ").strip() for l in message.splitlines()):
+        line = re.sub(r'^Parser key "[^"]+":\s*', "", line)
+        if line.startswith("Given value:") and "NestedArg" not in line:
+            given = line.split(":", 1)[1].strip()
+        elif line and "NoneType" not in line and not line.startswith(
+                ("Does not validate", "Subtypes:", "Errors:", "Given value", "Problem with given class_path")):
+            reasons.append(re.sub(r"<class '([\w.]+)'>", r"\1", line))
+    text = "; ".join(dict.fromkeys(reasons)) or message.strip().splitlines()[0]
+    if given is not None and "Got value" not in text:
+        text += f", got {given!r}"
+    return f"--{'.'.join(keys)}: {text}" if keys else text
 
 
 def _user_error(error: BaseException) -> BaseException | None:

@@ -24,6 +24,7 @@ RUN_PARTS = ("checkpoints", "tensorboard", "samples", "export", "metrics.csv", "
 
 class DaflCLI(LightningCLI):
     user_command = "python -m dafl fit"
+    created_dirs: list[Path] = []  # folders this run made for --run_dir, deepest first
 
     def add_arguments_to_parser(self, parser):
         parser.add_argument("--overwrite", action="store_true",
@@ -58,6 +59,7 @@ class DaflCLI(LightningCLI):
         # Removed only once model and data were built: a bad config loses nothing.
         self._replaced = started if config.overwrite else []
         try:
+            DaflCLI.created_dirs = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / ".write-test").touch()
             (run_dir / ".write-test").unlink()
@@ -125,7 +127,19 @@ def run_lightning_cli(args: list[str], user_args: list[str]) -> None:
     DaflCLI.user_command = shlex.join(["python", "-m", "dafl", *user_args])
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both argv and args
     try:
+        # exit_on_error=False: jsonargparse raises instead of printing its usage block, and
+        # `python -m dafl` turns the error into one line (dafl.__main__.argument_error_line).
+        quiet = {"exit_on_error": False}
         DaflCLI(args=args, save_config_kwargs={"overwrite": True}, subclass_mode_model=True, subclass_mode_data=True,
-                auto_configure_optimizers=False)
+                auto_configure_optimizers=False,
+                parser_kwargs={**quiet, **{name: quiet for name in DaflCLI.subcommands()}})
+    except BaseException:
+        # A run rejected before it wrote anything leaves no empty folders behind.
+        for folder in DaflCLI.created_dirs:
+            if not folder.is_dir() or any(folder.iterdir()):
+                break
+            folder.rmdir()
+        raise
     finally:
+        DaflCLI.created_dirs = []
         sys.argv = argv

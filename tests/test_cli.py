@@ -81,6 +81,28 @@ def test_bad_hyperparameters(run_cli, tmp_path, flag, value, message):
     assert message in one_line_error(run_cli("fit", flag, value, "--run_dir", tmp_path / "r"))
 
 
+@pytest.mark.parametrize("flag,value,key", [
+    ("--model.cutmix_prob", "abc", "--model.cutmix_prob: Expected a float"),
+    ("--model.balanced_one_hot", "maybe", "--model.balanced_one_hot: Expected a bool"),
+    ("--trainer.max_epochs", "x", "--trainer.max_epochs: Expected a int, got 'x'"),
+    ("--model.no_such_option", "1", "Option 'no_such_option' is not accepted"),
+    ("--config", "missing.yaml", "File does not exist"),
+])
+def test_rejected_option_is_one_line_and_leaves_no_folder(run_cli, tmp_path, flag, value, key):
+    # jsonargparse's own report is a usage block plus a nested, multi-line explanation.
+    result = run_cli("fit", flag, value, "--run_dir", tmp_path / "new" / "run")
+    assert key in one_line_error(result)
+    assert "usage:" not in result.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_run_rejected_after_parsing_leaves_no_empty_folder(run_cli, tmp_path):
+    line = one_line_error(run_cli("fit", "--model.balanced_one_hot", "true", "--model.class_conditional", "true",
+                                  "--run_dir", tmp_path / "new" / "run"))
+    assert "choose one" in line
+    assert not (tmp_path / "new").exists()
+
+
 def test_non_positive_learning_rate(run_cli, tmp_path):
     line = one_line_error(run_cli("fit", "--model.student_optimizer.init_args.lr", "-0.1", "--run_dir", tmp_path / "r"))
     assert "Invalid learning rate" in line
