@@ -60,6 +60,7 @@ p.add_argument("--rrc", type=float, default=0.0)      # student: random resized 
 p.add_argument("--mix3", type=int, default=0)         # student: mixup on top of a CutMix batch (three images per input)
 p.add_argument("--jac", type=float, default=0.0)      # Jacobian matching (Srinivas & Fleuret 2018): student input gradient of the teacher's class
 p.add_argument("--threads", type=int, default=2)
+p.add_argument("--save_memory", default="")  # save the replay memory (teacher inputs) at the end, e.g. for zip_teacher_to_half.py
 p.add_argument("--quota", type=int, default=0)        # one-hot targets by balanced assignment (each class n/10 of the batch)
 a = p.parse_args()
 torch.set_num_threads(a.threads); torch.manual_seed(a.seed)
@@ -270,3 +271,5 @@ print("teacher classes of the replay memory", torch.bincount(mc, minlength=10).t
 print(json.dumps({"final": acc(S), "secs": round(time.time() - t0), "log": log, **{k: v for k, v in vars(a).items() if k != "teacher"}}))
 if a.save:
     with torch.no_grad(): torch.save(gen(latents(64)[0]), a.save)
+if a.save_memory:
+    torch.save(mem[:min(count, a.replay)].clone(), a.save_memory)
