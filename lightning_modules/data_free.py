@@ -19,6 +19,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from dafl.distributed import gather_with_grad
 from dafl.errors import ConfigError
+from dafl.procedural import ProceduralShapes
 from dafl.weights import load_classifier
 from lightning_modules.classifier import check_optimizer
 from lightning_modules.generator import GeneratorObjective
@@ -55,6 +56,9 @@ class DataFreeDistillation(L.LightningModule):
         augment_flip: bool = False,
         mixup_alpha: float = 0.0,
         cutmix_prob: float = 0.0,
+        procedural_fraction: float = 0.0,
+        procedural_shapes: int = 3,
+        procedural_scale: float = 1.5,
         generator_optimizer: Optional[OptimizerCallable] = None,
         student_optimizer: Optional[OptimizerCallable] = None,
         student_lr_schedule: Literal["constant", "cosine", "multistep"] = "constant",
@@ -97,6 +101,12 @@ class DataFreeDistillation(L.LightningModule):
                 Beta(alpha, alpha); the teacher labels the blend (0: off).
             cutmix_prob: probability that a student batch gets CutMix (a box of a partner
                 image pasted in; the teacher labels the result) instead of mixup (0: off).
+            procedural_fraction: share of each student batch replaced by procedural "dead
+                leaves" images (random ellipses and rectangles, `dafl.procedural`; the teacher
+                labels them) before mixup / CutMix (0: off). Needs a teacher file with
+                native_size/mean/std metadata.
+            procedural_shapes, procedural_scale: shapes per procedural image, and their size
+                (half-axes 0.1-0.7 of the half-frame, times this).
             student_lr_warmup: iterations over which the student's learning rate rises
                 linearly from lr/warmup to lr (multiplies the schedule). The first generator
                 images are noise; a full learning rate on them can kill the student's ReLUs
@@ -137,6 +147,7 @@ class DataFreeDistillation(L.LightningModule):
             for network in (self.generator.net, self.teacher, self.student.net):
                 network.compile()
         self.replay = ReplayMemory(replay_size, self._image_shape()) if replay_size else None
+        self.procedural = self._procedural_shapes() if procedural_fraction > 0 else None
         # Fixed latent bank for the label-free validation signal and the sample grids.
         bank, _ = self.generator.latents(val_size, generator=torch.Generator().manual_seed(1234))
         self.register_buffer("val_latents", bank)
@@ -152,6 +163,15 @@ class DataFreeDistillation(L.LightningModule):
         pad_value = -torch.tensor(meta["mean"]) / torch.tensor(meta["std"])  # a black pixel, normalised
         self.generator.set_frame(border, pad_value)
 
+    def _procedural_shapes(self) -> ProceduralShapes:
+        meta, hp = self.teacher_meta, self.hparams
+        missing = [k for k in ("native_size", "mean", "std") if meta.get(k) is None]
+        if missing:
+            raise ConfigError(f"procedural_fraction needs the teacher's {', '.join(missing)} (a teacher file "
+                              "written by `python -m dafl teacher` has them)")
+        return ProceduralShapes(meta["native_size"], meta["image_size"], meta["mean"], meta["std"],
+                                hp.procedural_shapes, hp.procedural_scale)
+
     def _validate_hparams(self):
         hp = self.hparams
         for name in ("latent_dim", "generator_width", "batch_size", "generator_steps", "student_steps", "val_size",
@@ -164,6 +184,10 @@ class DataFreeDistillation(L.LightningModule):
                 raise ConfigError(f"{name} must be >= 0, got {hp[name]}")
         if not 0 <= hp.cutmix_prob <= 1:
             raise ConfigError(f"cutmix_prob must be in [0, 1], got {hp.cutmix_prob}")
+        if not 0 <= hp.procedural_fraction < 1:
+            raise ConfigError(f"procedural_fraction must be in [0, 1), got {hp.procedural_fraction}")
+        if hp.procedural_shapes <= 0 or hp.procedural_scale <= 0:
+            raise ConfigError("procedural_shapes and procedural_scale must be positive")
         if hp.kd_temperature <= 0 or hp.entropy_log_base <= 1:
             raise ConfigError("kd_temperature must be > 0 and entropy_log_base > 1")
         if hp.synthetic == "gaussian" and hp.schedule == "official":
@@ -172,9 +196,10 @@ class DataFreeDistillation(L.LightningModule):
             raise ConfigError("balanced_one_hot and class_conditional both balance the classes: choose one")
         if hp.native_padding and hp.generator_arch == "native":
             raise ConfigError("native_padding is for generator_arch 'dafl'; the native generator pads like real inputs")
-        if hp.schedule == "official" and (hp.generator_steps != 1 or hp.student_steps != 1 or hp.replay_size):
+        if hp.schedule == "official" and (hp.generator_steps != 1 or hp.student_steps != 1 or hp.replay_size
+                                          or hp.procedural_fraction):
             raise ConfigError("schedule 'official' is one combined step: use generator_steps=1, student_steps=1, "
-                              "replay_size=0, or schedule 'alternating'")
+                              "replay_size=0, procedural_fraction=0, or schedule 'alternating'")
 
     # ------------------------------------------------------------------ plumbing
 
@@ -232,6 +257,13 @@ class DataFreeDistillation(L.LightningModule):
         return meta["in_channels"], meta["image_size"], meta["image_size"]
 
     def _student_batch(self, n: int) -> torch.Tensor:
+        procedural = round(n * self.hparams.procedural_fraction)
+        images = self._synthetic_batch(n - procedural)
+        if procedural:
+            images = torch.cat([images, self.procedural(procedural).to(images)])
+        return images
+
+    def _synthetic_batch(self, n: int) -> torch.Tensor:
         if self.hparams.synthetic == "gaussian":
             return torch.randn(n, *self._image_shape(), device=self.device)
         if self.replay is not None:

@@ -229,7 +229,7 @@ def test_student_augment_chooses_cutmix_by_probability():
 
 def test_native_generator_and_new_levers_train(digits_teacher):
     model = best_preset(digits_teacher[0], generator_arch="native", mixup_alpha=1.0, diversity_weight=0.1,
-                        adversarial_weight=0.1, cutmix_prob=0.5, **FAST)
+                        adversarial_weight=0.1, cutmix_prob=0.5, procedural_fraction=0.25, **FAST)
     images = model.generator(model.generator.latents(4)[0])
     assert images.shape == (4, 1, 32, 32)  # digits: 8x8 pixels resized to the network's 32x32
     before = [p.clone() for p in model.generator.parameters()]

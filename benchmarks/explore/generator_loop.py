@@ -62,12 +62,21 @@ p.add_argument("--jac", type=float, default=0.0)      # Jacobian matching (Srini
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--save_memory", default="")  # save the replay memory (teacher inputs) at the end, e.g. for zip_teacher_to_half.py
 p.add_argument("--quota", type=int, default=0)        # one-hot targets by balanced assignment (each class n/10 of the batch)
+p.add_argument("--proc", type=float, default=0.0)     # fraction of each student batch drawn from procedural "dead leaves" shape images
+p.add_argument("--proc_pool", type=int, default=16384)
+p.add_argument("--proc_shapes", type=int, default=6)
+p.add_argument("--proc_sym", type=int, default=0)  # mirror-symmetric procedural images (left half mirrored onto the right)
+p.add_argument("--proc_scale", type=float, default=1.0)  # size of the procedural shapes (radii 0.1-0.7 of the half-frame times this)
+p.add_argument("--fdiv", type=float, default=0.0)     # generator: penalise cosine similarity between teacher features of different images
+p.add_argument("--bn_groups", type=int, default=1)    # BN-statistics loss on this many sub-batches, each matched separately
+p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 a = p.parse_args()
 torch.set_num_threads(a.threads); torch.manual_seed(a.seed)
-T, meta = load_classifier(a.teacher); T.eval().requires_grad_(False)
+torch.set_default_device(a.device)
+T, meta = load_classifier(a.teacher); T.eval().requires_grad_(False); T.to(a.device)
 adapter = InputAdapter(meta["native_size"], meta["image_size"], meta["mean"], meta["std"])
 test = load_split(meta.get("dataset") or "fashion-mnist", "test")
-test_x = adapter(test.images); test_y = test.labels
+test_x = adapter(test.images.to(a.device)); test_y = test.labels.to(a.device)
 def acc(net):
     net.eval()
     with torch.no_grad():
@@ -76,6 +85,26 @@ def acc(net):
 hooks = BatchNormStatistics(T) if a.bn else None
 mean, std = meta["mean"][0], meta["std"][0]
 border = (meta["image_size"] - meta["native_size"]) // 2
+
+def dead_leaves(n, size=28):
+    """Procedural images, no data: random ellipses and rectangles of random grey levels
+    painted over each other on black, roughly centred like the dataset's objects, then
+    lightly blurred; normalised and padded like real inputs."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    img = torch.zeros(n, size, size)
+    for _ in range(a.proc_shapes):
+        cx, cy = (torch.randn(2, n, 1, 1) * 0.35)
+        rx, ry = (0.1 + 0.6 * torch.rand(2, n, 1, 1)) * a.proc_scale
+        ang = torch.rand(n, 1, 1) * math.pi
+        u = (xx - cx) * ang.cos() + (yy - cy) * ang.sin(); v = -(xx - cx) * ang.sin() + (yy - cy) * ang.cos()
+        ell = (u / rx) ** 2 + (v / ry) ** 2 < 1
+        rect = (u.abs() < rx) & (v.abs() < ry)
+        mask = torch.where(torch.rand(n, 1, 1) < 0.5, ell, rect)
+        img = torch.where(mask, torch.rand(n, 1, 1), img)
+    if a.proc_sym:
+        img = torch.cat([img[..., :size // 2], img[..., :size // 2].flip(-1)], -1)
+    img = F.avg_pool2d(img[:, None], 3, 1, 1)
+    return (F.pad(img, [border] * 4) - mean) / std
 
 class SmallGen(nn.Module):
     """native-size generator: 7x7 -> 14 -> 28, then pad to 32 with black."""
@@ -123,6 +152,7 @@ if a.s_warmup:
 else:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, total_s)
 mem = torch.zeros(a.replay, 1, 32, 32); count = 0
+proc_pool = torch.cat([dead_leaves(1024) for _ in range(a.proc_pool // 1024)]) if a.proc else None
 frame = torch.zeros(1, 1, 32, 32); frame[..., border:32 - border, border:32 - border] = 1
 def latents(n):
     z = torch.randn(n, 100)
@@ -183,7 +213,11 @@ for it in range(a.iters):
             xp = F.pad(x, [a.g_shift] * 4, value=-mean / std)
             dx, dy = torch.randint(0, 2 * a.g_shift + 1, (2,)).tolist(); xt = xp[:, :, dy:dy + 32, dx:dx + 32]
         if hooks: hooks.recording = True
-        tl, feat = T(xt, return_features=True)
+        if a.bn_groups > 1:
+            outs = [T(c, return_features=True) for c in xt.chunk(a.bn_groups)]
+            tl, feat = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        else:
+            tl, feat = T(xt, return_features=True)
         if hooks: hooks.recording = False
         if a.quota and y is None:
             ce = F.cross_entropy(tl, balanced_targets(tl))
@@ -192,7 +226,11 @@ for it in range(a.iters):
         loss = a.oh * ce + a.ie * information_entropy_loss(tl) - a.act * feat.abs().mean()
         if hooks:
             recs = hooks.pop()
-            bnl = batchnorm_statistics_loss(recs) + (a.bn_first - 1) * batchnorm_statistics_loss(recs[:1])
+            if a.bn_groups > 1:
+                k = len(recs) // a.bn_groups
+                bnl = sum(batchnorm_statistics_loss(recs[i * k:(i + 1) * k]) for i in range(a.bn_groups)) / a.bn_groups
+            else:
+                bnl = batchnorm_statistics_loss(recs) + (a.bn_first - 1) * batchnorm_statistics_loss(recs[:1])
             loss = loss + a.bn * bnl
         if a.div:
             h = len(x) // 2
@@ -200,6 +238,9 @@ for it in range(a.iters):
             loss = loss + a.div * (dz / (dx + 1e-5)).mean() * 0.1
         if a.adv:
             loss = loss - a.adv * (S(x) - tl).abs().mean()
+        if a.fdiv:
+            fn = F.normalize(feat, dim=1); sim = fn @ fn.T
+            loss = loss + a.fdiv * (sim.pow(2).sum() - sim.diagonal().pow(2).sum()) / (len(fn) * (len(fn) - 1))
         if a.in_stat:
             pix = (x * std + mean)[..., border:32 - border, border:32 - border]
             loss = loss + a.in_stat * ((pix.mean() - mean) ** 2 + (pix.std() - std) ** 2) / std ** 2
@@ -220,6 +261,8 @@ for it in range(a.iters):
             xb = mem[torch.randint(0, min(count, a.replay), (a.s_bs or a.bs,))]
         else:
             with torch.no_grad(): xb = gen(latents(a.bs)[0])
+        if a.proc:
+            k = int(a.proc * len(xb)); xb = torch.cat([xb[k:], proc_pool[torch.randint(0, len(proc_pool), (k,))]])
         xb = aug(xb)
         if a.bss:
             k = int(a.bss_frac * len(xb))

@@ -1,0 +1,59 @@
+"""Procedural images for the student: random shapes, no data.
+
+"Dead leaves" images (Baradad et al., NeurIPS 2021, "Learning to see by looking at noise"):
+a few random ellipses and rectangles of random grey levels painted over each other on a
+black background. The teacher labels them like any synthetic image. They give the student
+large, sharp-edged silhouettes, which the generator's images (textured blobs, benchmarks/
+explore/README.md) rarely contain; mixed into a quarter of each student batch they added
+about 2 points on Fashion-MNIST at full length (fifth round of the research notes).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dafl.datasets import InputAdapter
+
+
+def dead_leaves(n: int, size: int, channels: int = 1, shapes: int = 3, scale: float = 1.5,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """n images of `shapes` random ellipses / rectangles, [0, 1] pixels, n x channels x size x size.
+
+    Centres ~ N(0, 0.35) of the half-frame (objects sit roughly in the middle, as in most
+    classification datasets), half-axes uniform in [0.1, 0.7] x `scale` of the half-frame,
+    random rotation, one grey level (per channel) per shape; later shapes cover earlier
+    ones. A 3x3 box blur softens the edges like a downsampled photograph's."""
+    coords = torch.linspace(-1, 1, size, device=device)
+    rows, cols = coords.view(1, -1, 1), coords.view(1, 1, -1)
+    images = torch.zeros(n, channels, size, size, device=device)
+    for _ in range(shapes):
+        centre_x, centre_y = torch.randn(2, n, 1, 1, device=device) * 0.35
+        half_x, half_y = (0.1 + 0.6 * torch.rand(2, n, 1, 1, device=device)) * scale
+        angle = torch.rand(n, 1, 1, device=device) * math.pi
+        # coordinates in the shape's rotated frame
+        u = (cols - centre_x) * angle.cos() + (rows - centre_y) * angle.sin()
+        v = (rows - centre_y) * angle.cos() - (cols - centre_x) * angle.sin()
+        ellipse = (u / half_x) ** 2 + (v / half_y) ** 2 < 1
+        rectangle = (u.abs() < half_x) & (v.abs() < half_y)
+        inside = torch.where(torch.rand(n, 1, 1, device=device) < 0.5, ellipse, rectangle)
+        grey = torch.rand(n, channels, 1, 1, device=device)
+        images = torch.where(inside.unsqueeze(1), grey, images)
+    return F.avg_pool2d(images, 3, stride=1, padding=1)
+
+
+class ProceduralShapes(nn.Module):
+    """Dead-leaves images at the teacher's native size, through the same padding and
+    normalisation as real inputs (`InputAdapter`), so a black background is the real one."""
+
+    def __init__(self, native_size: int, image_size: int, mean: list[float], std: list[float],
+                 shapes: int = 3, scale: float = 1.5):
+        super().__init__()
+        self.native_size, self.channels, self.shapes, self.scale = native_size, len(mean), shapes, scale
+        self.adapter = InputAdapter(native_size, image_size, mean, std)
+
+    def forward(self, n: int) -> torch.Tensor:
+        pixels = dead_leaves(n, self.native_size, self.channels, self.shapes, self.scale, self.adapter.mean.device)
+        return self.adapter(pixels)
