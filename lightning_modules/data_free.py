@@ -168,7 +168,7 @@ class DataFreeDistillation(L.LightningModule):
         missing = [k for k in ("native_size", "mean", "std") if meta.get(k) is None]
         if missing:
             raise ConfigError(f"procedural_fraction needs the teacher's {', '.join(missing)} (a teacher file "
-                              "written by `python -m dafl teacher` has them)")
+                              "written by dafl has them)")
         return ProceduralShapes(meta["native_size"], meta["image_size"], meta["mean"], meta["std"],
                                 hp.procedural_shapes, hp.procedural_scale)
 
