@@ -268,6 +268,12 @@ def image_folder(split: str, root: Optional[str]) -> Split:
 
 # ---------------------------------------------------------------- native pixels -> network input
 
+def missing_input_metadata(meta: Optional[dict]) -> list[str]:
+    """Which of native_size / mean / std a teacher's metadata lacks: without them, pixels
+    cannot be padded and normalised the way real inputs were (`InputAdapter`)."""
+    return [key for key in ("native_size", "mean", "std") if (meta or {}).get(key) is None]
+
+
 class InputAdapter(nn.Module):
     """Pixels in [0, 1] (float) or uint8, N x C x H x W at native size -> the network's
     normalised input: zero-pad (MNIST 28 -> 32, as LeNet-5 was meant) or, when padding

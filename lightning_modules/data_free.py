@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from dafl.distributed import gather_with_grad
+from dafl.datasets import missing_input_metadata
 from dafl.errors import ConfigError
 from dafl.procedural import ProceduralShapes
 from dafl.weights import load_classifier
@@ -165,7 +166,7 @@ class DataFreeDistillation(L.LightningModule):
 
     def _procedural_shapes(self) -> ProceduralShapes:
         meta, hp = self.teacher_meta, self.hparams
-        missing = [k for k in ("native_size", "mean", "std") if meta.get(k) is None]
+        missing = missing_input_metadata(meta)
         if missing:
             raise ConfigError(f"procedural_fraction needs the teacher's {', '.join(missing)} (a teacher file "
                               "written by dafl has them)")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dafl.datasets import missing_input_metadata
 from dafl.errors import ConfigError
 from dafl.losses import (BatchNormStatistics, activation_loss, batchnorm_statistics_loss,
                          balanced_targets, information_entropy_loss, l1_disagreement, mode_seeking_loss, one_hot_loss)
@@ -33,7 +34,7 @@ class GeneratorObjective(nn.Module):
         self.num_classes, self.conditional, self.balanced_one_hot = num_classes, conditional, balanced_one_hot
         shape = {"latent_dim": latent_dim, "image_size": image_size, "channels": channels, "width": width}
         if arch == "native":
-            missing = [k for k in ("native_size", "mean", "std") if (input_meta or {}).get(k) is None]
+            missing = missing_input_metadata(input_meta)
             if missing:
                 raise ConfigError(f"generator_arch 'native' needs the teacher's {', '.join(missing)} (a teacher file "
                                   "written by dafl has them); use generator_arch 'dafl'")
@@ -146,7 +147,7 @@ def fit_generator(teacher: nn.Module, meta: dict, iterations: int, batch_size: i
     from tqdm import tqdm
 
     has_bn = any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules())
-    native = all(meta.get(k) is not None for k in ("native_size", "mean", "std")) and meta["native_size"] % 4 == 0
+    native = not missing_input_metadata(meta) and meta["native_size"] % 4 == 0
     objective = GeneratorObjective(100, meta["image_size"], meta["in_channels"], width, one_hot_weight, 0.0,
                                    entropy_weight, 10.0, bn_stat_weight if has_bn else 0.0, 0.0,
                                    meta["num_classes"], arch="native" if native else "dafl", input_meta=meta)

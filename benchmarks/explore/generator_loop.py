@@ -8,6 +8,7 @@ import argparse, time, json, math, torch, torch.nn as nn, torch.nn.functional as
 from dafl.weights import load_classifier
 from dafl.models import build_model
 from dafl.datasets import load_split, InputAdapter
+from dafl.procedural import dead_leaves
 from dafl.losses import balanced_targets, BatchNormStatistics, batchnorm_statistics_loss, kd_loss, information_entropy_loss
 p = argparse.ArgumentParser()
 p.add_argument("--teacher", default="checkpoints/fashion_mnist_lenet5_bn.safetensors")
@@ -86,25 +87,15 @@ hooks = BatchNormStatistics(T) if a.bn else None
 mean, std = meta["mean"][0], meta["std"][0]
 border = (meta["image_size"] - meta["native_size"]) // 2
 
-def dead_leaves(n, size=28):
-    """Procedural images, no data: random ellipses and rectangles of random grey levels
-    painted over each other on black, roughly centred like the dataset's objects, then
-    lightly blurred; normalised and padded like real inputs."""
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    img = torch.zeros(n, size, size)
-    for _ in range(a.proc_shapes):
-        cx, cy = (torch.randn(2, n, 1, 1) * 0.35)
-        rx, ry = (0.1 + 0.6 * torch.rand(2, n, 1, 1)) * a.proc_scale
-        ang = torch.rand(n, 1, 1) * math.pi
-        u = (xx - cx) * ang.cos() + (yy - cy) * ang.sin(); v = -(xx - cx) * ang.sin() + (yy - cy) * ang.cos()
-        ell = (u / rx) ** 2 + (v / ry) ** 2 < 1
-        rect = (u.abs() < rx) & (v.abs() < ry)
-        mask = torch.where(torch.rand(n, 1, 1) < 0.5, ell, rect)
-        img = torch.where(mask, torch.rand(n, 1, 1), img)
+def procedural_images(n):
+    """dafl.procedural's dead-leaves shapes at the native size, padded and normalised like
+    real inputs. --proc_sym mirrors the left half after the blur (the fifth round's runs
+    mirrored before it, which differs only in the two columns at the seam)."""
+    img = dead_leaves(n, meta["native_size"], 1, a.proc_shapes, a.proc_scale)
     if a.proc_sym:
-        img = torch.cat([img[..., :size // 2], img[..., :size // 2].flip(-1)], -1)
-    img = F.avg_pool2d(img[:, None], 3, 1, 1)
-    return (F.pad(img, [border] * 4) - mean) / std
+        half = img.shape[-1] // 2
+        img = torch.cat([img[..., :half], img[..., :half].flip(-1)], -1)
+    return adapter(img)
 
 class SmallGen(nn.Module):
     """native-size generator: 7x7 -> 14 -> 28, then pad to 32 with black."""
@@ -152,7 +143,7 @@ if a.s_warmup:
 else:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, total_s)
 mem = torch.zeros(a.replay, 1, 32, 32); count = 0
-proc_pool = torch.cat([dead_leaves(1024) for _ in range(a.proc_pool // 1024)]) if a.proc else None
+proc_pool = torch.cat([procedural_images(1024) for _ in range(a.proc_pool // 1024)]) if a.proc else None
 frame = torch.zeros(1, 1, 32, 32); frame[..., border:32 - border, border:32 - border] = 1
 def latents(n):
     z = torch.randn(n, 100)
