@@ -23,7 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-PLOT_SKIP = ("abl_", "v1_exp_", "gpu_x_")  # table-only rows: ablations and probes
+PLOT_SKIP = ("abl_", "v1_exp_", "gpu_x_", "mnist5k_")  # table-only rows: ablations, probes, other datasets
 
 
 def machine() -> str:

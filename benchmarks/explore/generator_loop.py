@@ -70,6 +70,8 @@ p.add_argument("--proc_sym", type=int, default=0)  # mirror-symmetric procedural
 p.add_argument("--proc_scale", type=float, default=1.0)  # size of the procedural shapes (radii 0.1-0.7 of the half-frame times this)
 p.add_argument("--fdiv", type=float, default=0.0)     # generator: penalise cosine similarity between teacher features of different images
 p.add_argument("--bn_groups", type=int, default=1)    # BN-statistics loss on this many sub-batches, each matched separately
+p.add_argument("--gpad", default="zeros")  # generator conv padding mode: zeros leaves a faint frame near the image edge; reflect / replicate do not
+p.add_argument("--wd", type=float, default=5e-4)  # student weight decay
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 a = p.parse_args()
 torch.set_num_threads(a.threads); torch.manual_seed(a.seed)
@@ -102,11 +104,11 @@ class SmallGen(nn.Module):
     def __init__(s, latent=100, w=64, deep=False):
         super().__init__()
         s.w = w; s.fc = nn.Linear(latent, w * 49); s.bn0 = nn.BatchNorm2d(w)
-        s.c1 = nn.Sequential(nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w), nn.LeakyReLU(0.2))
-        s.c2 = nn.Sequential(nn.Conv2d(w, w // 2, 3, padding=1), nn.BatchNorm2d(w // 2), nn.LeakyReLU(0.2))
+        s.c1 = nn.Sequential(nn.Conv2d(w, w, 3, padding=1, padding_mode=a.gpad), nn.BatchNorm2d(w), nn.LeakyReLU(0.2))
+        s.c2 = nn.Sequential(nn.Conv2d(w, w // 2, 3, padding=1, padding_mode=a.gpad), nn.BatchNorm2d(w // 2), nn.LeakyReLU(0.2))
         if deep:
-            s.c2 = nn.Sequential(*s.c2, nn.Conv2d(w // 2, w // 2, 3, padding=1), nn.BatchNorm2d(w // 2), nn.LeakyReLU(0.2))
-        s.out = nn.Conv2d(w // 2, 1, 3, padding=1)
+            s.c2 = nn.Sequential(*s.c2, nn.Conv2d(w // 2, w // 2, 3, padding=1, padding_mode=a.gpad), nn.BatchNorm2d(w // 2), nn.LeakyReLU(0.2))
+        s.out = nn.Conv2d(w // 2, 1, 3, padding=1, padding_mode=a.gpad)
     def forward(s, z):
         x = s.bn0(s.fc(z).view(-1, s.w, 7, 7))
         x = s.c1(F.interpolate(x, scale_factor=2))
@@ -128,7 +130,7 @@ if a.init_student:
 proj = nn.Linear(60, 120)
 import copy
 S_ema = copy.deepcopy(S).requires_grad_(False)
-opt_s = torch.optim.SGD(list(S.parameters()) + list(proj.parameters()), lr=a.s_lr, momentum=0.9, weight_decay=5e-4)
+opt_s = torch.optim.SGD(list(S.parameters()) + list(proj.parameters()), lr=a.s_lr, momentum=0.9, weight_decay=a.wd)
 acts = {}
 def keep(name):
     def hook(m, i, o): acts[name] = o
