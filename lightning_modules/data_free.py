@@ -11,16 +11,19 @@ a student imitates the teacher on them (`StudentObjective`). Two schedules:
 from __future__ import annotations
 
 import math
+import time
 from typing import Literal, Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 
 from dafl.distributed import gather_with_grad
 from dafl.datasets import missing_input_metadata
 from dafl.errors import ConfigError
-from dafl.procedural import ProceduralShapes
+from dafl.losses import BatchNormStatistics
+from dafl.procedural import ProceduralShapes, invert_toward_classes
 from dafl.weights import load_classifier
 from lightning_modules.classifier import check_optimizer
 from lightning_modules.generator import GeneratorObjective
@@ -60,6 +63,8 @@ class DataFreeDistillation(L.LightningModule):
         procedural_fraction: float = 0.0,
         procedural_shapes: int = 3,
         procedural_scale: float = 1.5,
+        procedural_inversion_steps: int = 0,
+        procedural_pool_size: int = 4096,
         generator_optimizer: Optional[OptimizerCallable] = None,
         student_optimizer: Optional[OptimizerCallable] = None,
         student_lr_schedule: Literal["constant", "cosine", "multistep"] = "constant",
@@ -108,6 +113,11 @@ class DataFreeDistillation(L.LightningModule):
                 native_size/mean/std metadata.
             procedural_shapes, procedural_scale: shapes per procedural image, and their size
                 (half-axes 0.1-0.7 of the half-frame, times this).
+            procedural_inversion_steps: if > 0, the procedural images come from a fixed pool of
+                `procedural_pool_size` shapes, each moved by this many Adam steps on its pixels
+                until the teacher sees it as an assigned class (balanced) with real-data
+                BatchNorm statistics (`dafl.procedural.invert_toward_classes`); built once, in
+                the first epoch (again on resume). 0: fresh plain shapes for every batch.
             student_lr_warmup: iterations over which the student's learning rate rises
                 linearly from lr/warmup to lr (multiplies the schedule). The first generator
                 images are noise; a full learning rate on them can kill the student's ReLUs
@@ -149,6 +159,7 @@ class DataFreeDistillation(L.LightningModule):
                 network.compile()
         self.replay = ReplayMemory(replay_size, self._image_shape()) if replay_size else None
         self.procedural = self._procedural_shapes() if procedural_fraction > 0 else None
+        self.procedural_pool: Optional[torch.Tensor] = None  # inverted shapes, built in the first epoch
         # Fixed latent bank for the label-free validation signal and the sample grids.
         bank, _ = self.generator.latents(val_size, generator=torch.Generator().manual_seed(1234))
         self.register_buffer("val_latents", bank)
@@ -187,8 +198,12 @@ class DataFreeDistillation(L.LightningModule):
             raise ConfigError(f"cutmix_prob must be in [0, 1], got {hp.cutmix_prob}")
         if not 0 <= hp.procedural_fraction < 1:
             raise ConfigError(f"procedural_fraction must be in [0, 1), got {hp.procedural_fraction}")
-        if hp.procedural_shapes <= 0 or hp.procedural_scale <= 0:
-            raise ConfigError("procedural_shapes and procedural_scale must be positive")
+        if hp.procedural_shapes <= 0 or hp.procedural_scale <= 0 or hp.procedural_pool_size <= 0:
+            raise ConfigError("procedural_shapes, procedural_scale and procedural_pool_size must be positive")
+        if hp.procedural_inversion_steps < 0:
+            raise ConfigError(f"procedural_inversion_steps must be >= 0, got {hp.procedural_inversion_steps}")
+        if hp.procedural_inversion_steps and not hp.procedural_fraction:
+            raise ConfigError("procedural_inversion_steps inverts the procedural images: set procedural_fraction > 0")
         if hp.kd_temperature <= 0 or hp.entropy_log_base <= 1:
             raise ConfigError("kd_temperature must be > 0 and entropy_log_base > 1")
         if hp.synthetic == "gaussian" and hp.schedule == "official":
@@ -247,6 +262,24 @@ class DataFreeDistillation(L.LightningModule):
                 "image_size": meta["image_size"], "teacher": str(hp.teacher), "teacher_arch": meta["arch"],
                 "state_prefix": "student.net."}
 
+    def on_train_epoch_start(self):
+        # Built in the first epoch rather than at fit start, so that its time counts as
+        # training time (benchmarks time epochs).
+        hp = self.hparams
+        if hp.procedural_inversion_steps and self.procedural_pool is None:
+            start = time.perf_counter()
+            bn_stats = BatchNormStatistics(self.teacher)
+            shapes, chunks = self.procedural, []
+            for first in range(0, hp.procedural_pool_size, 1024):
+                n = min(1024, hp.procedural_pool_size - first)
+                chunks.append(invert_toward_classes(shapes.pixels(n), self.teacher, shapes.adapter,
+                                                    self.teacher_meta["num_classes"], hp.procedural_inversion_steps,
+                                                    bn_stats=bn_stats if bn_stats.layers else None))
+            bn_stats.remove()
+            self.procedural_pool = torch.cat(chunks)
+            rank_zero_info(f"Inverted {hp.procedural_pool_size} procedural images through the teacher "
+                           f"({hp.procedural_inversion_steps} steps each) in {time.perf_counter() - start:.0f} s")
+
     def on_save_checkpoint(self, checkpoint):
         checkpoint["dafl"] = self.export_metadata()
 
@@ -260,7 +293,10 @@ class DataFreeDistillation(L.LightningModule):
     def _student_batch(self, n: int) -> torch.Tensor:
         procedural = round(n * self.hparams.procedural_fraction)
         images = self._synthetic_batch(n - procedural)
-        if procedural:
+        if procedural and self.procedural_pool is not None:
+            pick = torch.randint(len(self.procedural_pool), (procedural,), device=self.procedural_pool.device)
+            images = torch.cat([images, self.procedural_pool[pick].to(images)])
+        elif procedural:
             images = torch.cat([images, self.procedural(procedural).to(images)])
         return images
 

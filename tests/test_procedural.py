@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from dafl.errors import ConfigError
-from dafl.procedural import ProceduralShapes, dead_leaves
+from dafl.losses import BatchNormStatistics
+from dafl.procedural import ProceduralShapes, dead_leaves, invert_toward_classes
+from dafl.weights import load_classifier
 from lightning_modules.data_free import DataFreeDistillation
 
 FAST = dict(latent_dim=16, generator_width=16, batch_size=32, val_size=64)
@@ -70,7 +72,8 @@ def test_procedural_settings_are_checked(digits_teacher, tmp_path):
 
     teacher = str(digits_teacher[0])
     for bad in ({"procedural_fraction": 1.0}, {"procedural_fraction": -0.1}, {"procedural_shapes": 0},
-                {"procedural_scale": 0.0}):
+                {"procedural_scale": 0.0}, {"procedural_pool_size": 0},
+                {"procedural_inversion_steps": -1}, {"procedural_inversion_steps": 5}):
         with pytest.raises(ConfigError, match="procedural"):
             DataFreeDistillation(teacher=teacher, schedule="alternating", **bad, **FAST)
     with pytest.raises(ConfigError, match="official"):
@@ -79,3 +82,46 @@ def test_procedural_settings_are_checked(digits_teacher, tmp_path):
     save_file(load_file(teacher), str(bare), metadata={"arch": "lenet5_bn"})
     with pytest.raises(ConfigError, match="procedural_fraction needs"):
         DataFreeDistillation(teacher=str(bare), schedule="alternating", procedural_fraction=0.25, **FAST)
+
+
+@pytest.mark.parametrize("use_bn_stats", [False, True])
+def test_inversion_moves_shapes_toward_their_assigned_classes(digits_teacher, use_bn_stats):
+    teacher, meta = load_classifier(str(digits_teacher[0]))
+    teacher.eval().requires_grad_(False)
+    shapes = ProceduralShapes(meta["native_size"], meta["image_size"], meta["mean"], meta["std"])
+    torch.manual_seed(0)
+    pixels = shapes.pixels(40)
+    targets = torch.arange(40) % 10
+    bn_stats = BatchNormStatistics(teacher) if use_bn_stats else None
+    inverted = invert_toward_classes(pixels, teacher, shapes.adapter, 10, steps=30, lr=0.05, bn_stats=bn_stats)
+    before = torch.nn.functional.cross_entropy(teacher(shapes.adapter(pixels)), targets)
+    after = torch.nn.functional.cross_entropy(teacher(inverted), targets)
+    assert after < 0.5 * before
+    assert (teacher(inverted).argmax(1) == targets).float().mean() > 0.8
+    assert inverted.shape == shapes.adapter(pixels).shape  # padded and normalised like real inputs
+    black, white = shapes.adapter(torch.zeros(1, 1, 8, 8)).min(), shapes.adapter(torch.ones(1, 1, 8, 8)).max()
+    assert inverted.min() >= black - 1e-5 and inverted.max() <= white + 1e-5  # pixels stay in [0, 1]
+    assert not pixels.requires_grad and not any(p.requires_grad for p in teacher.parameters())
+    if bn_stats is not None:
+        assert bn_stats.pop() == []  # nothing left recorded once inversion is done
+
+
+def test_inverted_pool_is_built_at_fit_start_and_feeds_the_procedural_share(digits_teacher):
+    torch.manual_seed(0)
+    model = DataFreeDistillation(teacher=str(digits_teacher[0]), schedule="alternating", synthetic="gaussian",
+                                 procedural_fraction=0.25, procedural_inversion_steps=3, procedural_pool_size=50,
+                                 **FAST)
+    teacher_state = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    hooks_before = sum(len(m._forward_hooks) for m in model.teacher.modules())
+    model.on_train_epoch_start()
+    pool = model.procedural_pool
+    assert pool.shape == (50, *model._image_shape())
+    assert sum(len(m._forward_hooks) for m in model.teacher.modules()) == hooks_before  # inversion hooks removed
+    for k, v in model.teacher.state_dict().items():
+        assert torch.equal(v, teacher_state[k]), k  # the teacher (and its BatchNorm statistics) untouched
+    batch = model._student_batch(32)
+    for image in batch[24:]:
+        assert (pool == image).flatten(1).all(1).any()  # each procedural image is one of the pool's
+    assert not any((pool == image).flatten(1).all(1).any() for image in batch[:24])
+    model.on_train_epoch_start()
+    assert model.procedural_pool is pool  # built once

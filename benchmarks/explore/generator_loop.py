@@ -72,6 +72,12 @@ p.add_argument("--fdiv", type=float, default=0.0)     # generator: penalise cosi
 p.add_argument("--bn_groups", type=int, default=1)    # BN-statistics loss on this many sub-batches, each matched separately
 p.add_argument("--gpad", default="zeros")  # generator conv padding mode: zeros leaves a faint frame near the image edge; reflect / replicate do not
 p.add_argument("--wd", type=float, default=5e-4)  # student weight decay
+p.add_argument("--prio", type=float, default=0.0)  # prioritised replay: sample stored images with probability ~ (student-teacher KL)^prio
+p.add_argument("--g_cos", type=int, default=0)     # cosine decay of the generator's learning rate over the run
+p.add_argument("--proc_inv", type=int, default=0)  # shapes as a starting point: this many Adam steps of DeepInversion (CE to a balanced class + BN statistics) on the procedural pool
+p.add_argument("--proc_inv_lr", type=float, default=0.02)
+p.add_argument("--dir", type=float, default=0.0)   # ZSKD-style soft targets: Dirichlet(dir x class similarity row of the teacher's class)
+p.add_argument("--dir_frac", type=float, default=0.5)  # share of each generator batch that gets the soft targets
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 a = p.parse_args()
 torch.set_num_threads(a.threads); torch.manual_seed(a.seed)
@@ -87,6 +93,9 @@ def acc(net):
     net.train(); return r
 hooks = BatchNormStatistics(T) if a.bn else None
 mean, std = meta["mean"][0], meta["std"][0]
+# ZSKD (Nayak et al. 2019): class similarity = cosine of the teacher's last-layer weight rows, min-max scaled per row
+_w = F.normalize(T.classifier[-1].weight.detach(), dim=1); class_sim = _w @ _w.T
+class_sim = (class_sim - class_sim.min(1, keepdim=True).values) / (class_sim.max(1, keepdim=True).values - class_sim.min(1, keepdim=True).values)
 border = (meta["image_size"] - meta["native_size"]) // 2
 
 def procedural_images(n):
@@ -145,7 +154,27 @@ if a.s_warmup:
 else:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_s, total_s)
 mem = torch.zeros(a.replay, 1, 32, 32); count = 0
-proc_pool = torch.cat([procedural_images(1024) for _ in range(a.proc_pool // 1024)]) if a.proc else None
+prio = torch.zeros(a.replay)  # last seen student-teacher KL of each stored image (--prio)
+sched_g = torch.optim.lr_scheduler.CosineAnnealingLR(opt_g, a.iters) if a.g_cos else None
+def invert_shapes(n):
+    """--proc_inv: dead-leaves shapes (native-size pixels in [0, 1]) moved by a few Adam steps
+    until the teacher sees each as its assigned class with real-data BatchNorm statistics."""
+    img = dead_leaves(n, meta["native_size"], 1, a.proc_shapes, a.proc_scale).requires_grad_()
+    y = torch.arange(n) % 10; opt = torch.optim.Adam([img], lr=a.proc_inv_lr)
+    for _ in range(a.proc_inv):
+        hooks.recording = True; logits = T(adapter(img)); hooks.recording = False
+        loss = F.cross_entropy(logits, y) + batchnorm_statistics_loss(hooks.pop())
+        opt.zero_grad(); loss.backward(); opt.step()
+        with torch.no_grad(): img.clamp_(0, 1)
+    with torch.no_grad():
+        print(f"inverted shapes: teacher agrees with the assigned class on {(T(adapter(img)).argmax(1) == y).float().mean():.3f}", flush=True)
+        return adapter(img.detach())
+t_pool = time.time()
+if a.proc and a.proc_inv:
+    proc_pool = torch.cat([invert_shapes(1024) for _ in range(a.proc_pool // 1024)])
+else:
+    proc_pool = torch.cat([procedural_images(1024) for _ in range(a.proc_pool // 1024)]) if a.proc else None
+if a.proc: print(f"procedural pool: {time.time() - t_pool:.0f}s", flush=True)
 frame = torch.zeros(1, 1, 32, 32); frame[..., border:32 - border, border:32 - border] = 1
 def latents(n):
     z = torch.randn(n, 100)
@@ -216,6 +245,11 @@ for it in range(a.iters):
             ce = F.cross_entropy(tl, balanced_targets(tl))
         else:
             ce = F.cross_entropy(tl, tl.argmax(1) if y is None else y)
+        if a.dir:  # a share of the batch is pulled to soft targets near the classes the teacher finds similar
+            k = int(a.dir_frac * len(tl)); cls = tl[:k].argmax(1)
+            target = torch.distributions.Dirichlet(a.dir * class_sim[cls] + 1e-3).sample()
+            soft = -(target * F.log_softmax(tl[:k], 1)).sum(1).mean()
+            ce = (k * soft + (len(tl) - k) * F.cross_entropy(tl[k:], tl[k:].argmax(1))) / len(tl)
         loss = a.oh * ce + a.ie * information_entropy_loss(tl) - a.act * feat.abs().mean()
         if hooks:
             recs = hooks.pop()
@@ -241,7 +275,11 @@ for it in range(a.iters):
             loss = loss + a.tv * ((x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean())
         opt_g.zero_grad(); loss.backward(); opt_g.step()
         xd = x.detach(); n = len(xd)
-        idx = (torch.arange(n) + count) % a.replay; mem[idx] = xd; count += n
+        idx = (torch.arange(n) + count) % a.replay; mem[idx] = xd
+        if a.prio:  # new images get the highest priority so that each is seen soon
+            prio[idx] = prio[:min(count, a.replay)].max() if count else 1.0
+        count += n
+    if sched_g: sched_g.step()
     for _ in range(a.s_steps):
         if a.replay and a.balance:
             filled = min(count, a.replay)
@@ -250,6 +288,9 @@ for it in range(a.iters):
                     mem_cls = torch.cat([T(c).argmax(1) for c in mem[:filled].split(2048)])
                 w = 1.0 / torch.bincount(mem_cls, minlength=10).float().clamp(min=1)[mem_cls]
             xb = mem[torch.multinomial(w, a.s_bs or a.bs, replacement=True)]
+        elif a.replay and a.prio:
+            ix = torch.multinomial((prio[:min(count, a.replay)] + 1e-4) ** a.prio, a.s_bs or a.bs, replacement=True)
+            xb = mem[ix]
         elif a.replay:
             xb = mem[torch.randint(0, min(count, a.replay), (a.s_bs or a.bs,))]
         else:
@@ -278,6 +319,10 @@ for it in range(a.iters):
         t1, t2 = acts["t1"], acts["t2"]
         sl, sf = S(xb, return_features=True)
         l = s_loss(sl, tl)
+        if a.prio and a.replay:  # a mixed input's KL is credited to its first image
+            with torch.no_grad():
+                kl = (F.softmax(tl, 1) * (F.log_softmax(tl, 1) - F.log_softmax(sl, 1))).sum(1)
+            prio[ix] = kl[:len(ix)]
         if a.jac:
             g_s, = torch.autograd.grad(sl.gather(1, cls).sum(), xb, create_graph=True)
             l = l + a.jac * (F.normalize(g_s.flatten(1), dim=1) - F.normalize(g_t.flatten(1), dim=1)).pow(2).sum(1).mean()
