@@ -8,7 +8,7 @@ import argparse, time, json, math, torch, torch.nn as nn, torch.nn.functional as
 from dafl.weights import load_classifier
 from dafl.models import build_model
 from dafl.datasets import load_split, InputAdapter
-from dafl.procedural import dead_leaves
+from dafl.procedural import dead_leaves, invert_toward_classes
 from dafl.losses import balanced_targets, BatchNormStatistics, batchnorm_statistics_loss, kd_loss, information_entropy_loss
 p = argparse.ArgumentParser()
 p.add_argument("--teacher", default="checkpoints/fashion_mnist_lenet5_bn.safetensors")
@@ -157,18 +157,13 @@ mem = torch.zeros(a.replay, 1, 32, 32); count = 0
 prio = torch.zeros(a.replay)  # last seen student-teacher KL of each stored image (--prio)
 sched_g = torch.optim.lr_scheduler.CosineAnnealingLR(opt_g, a.iters) if a.g_cos else None
 def invert_shapes(n):
-    """--proc_inv: dead-leaves shapes (native-size pixels in [0, 1]) moved by a few Adam steps
-    until the teacher sees each as its assigned class with real-data BatchNorm statistics."""
-    img = dead_leaves(n, meta["native_size"], 1, a.proc_shapes, a.proc_scale).requires_grad_()
-    y = torch.arange(n) % 10; opt = torch.optim.Adam([img], lr=a.proc_inv_lr)
-    for _ in range(a.proc_inv):
-        hooks.recording = True; logits = T(adapter(img)); hooks.recording = False
-        loss = F.cross_entropy(logits, y) + batchnorm_statistics_loss(hooks.pop())
-        opt.zero_grad(); loss.backward(); opt.step()
-        with torch.no_grad(): img.clamp_(0, 1)
+    """--proc_inv: dead-leaves shapes moved by a few Adam steps until the teacher sees each as
+    its assigned class with real-data BatchNorm statistics (the product's invert_toward_classes)."""
+    x = invert_toward_classes(dead_leaves(n, meta["native_size"], 1, a.proc_shapes, a.proc_scale), T, adapter, 10,
+                              a.proc_inv, a.proc_inv_lr, hooks)
     with torch.no_grad():
-        print(f"inverted shapes: teacher agrees with the assigned class on {(T(adapter(img)).argmax(1) == y).float().mean():.3f}", flush=True)
-        return adapter(img.detach())
+        print(f"inverted shapes: teacher agrees with the assigned class on {(T(x).argmax(1) == torch.arange(n) % 10).float().mean():.3f}", flush=True)
+    return x
 t_pool = time.time()
 if a.proc and a.proc_inv:
     proc_pool = torch.cat([invert_shapes(1024) for _ in range(a.proc_pool // 1024)])
