@@ -61,7 +61,9 @@ def build_rows(cfg: dict, budget: dict) -> list[Row]:
              teacher, "--model.init_args.kd_weight", "1.0"]),
         Row("gaussian", "Normal distribution", "none",
             [*data_free(cfg["best_config"], budget["gaussian_iterations"]), "--model.init_args.synthetic", "gaussian",
-             "--model.init_args.replay_size", "0"]),
+             # noise alone: no replay memory and no procedural shapes, whatever the best preset uses
+             "--model.init_args.replay_size", "0", "--model.init_args.procedural_fraction", "0",
+             "--model.init_args.procedural_inversion_steps", "0"]),
     ]
     if cfg.get("alternative_dataset"):
         rows.append(Row("alternative", f"Alternative data ({cfg['alternative_dataset']})", "other dataset",

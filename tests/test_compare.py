@@ -68,3 +68,17 @@ def test_unknown_row_is_a_one_line_error(compare_run):
     _, run = compare_run
     result = run("--rows", "teacher,lasso")
     assert result.returncode == 2 and "unknown rows" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_gaussian_row_is_noise_only_whatever_the_best_preset():
+    """The "Normal distribution" row reuses the best preset's settings, but its student must
+    see Gaussian noise alone: no replay memory, no procedural shapes."""
+    from dafl.compare import BUDGETS, build_rows
+
+    cfg = {"teacher": "t.safetensors", "student_arch": "lenet5_half", "dataset": "fashion-mnist",
+           "supervised_config": "s.yaml", "official_config": "o.yaml", "best_config": "b.yaml"}
+    args = next(row.args for row in build_rows(cfg, BUDGETS["tiny"]) if row.name == "gaussian")
+    settings = dict(zip(args[::2], args[1::2]))
+    assert settings["--model.init_args.synthetic"] == "gaussian"
+    for key in ("replay_size", "procedural_fraction", "procedural_inversion_steps"):
+        assert settings[f"--model.init_args.{key}"] == "0"
