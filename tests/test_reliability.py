@@ -17,7 +17,8 @@ from lightning_modules.data_free import DataFreeDistillation
 
 def _small_fit_args(teacher, run_dir, epochs):
     return ["fit", "--model.teacher", str(teacher), "--data.eval_dataset", "digits", "--model.batch_size", "32",
-            "--model.generator_width", "16", "--model.val_size", "32", "--data.iterations_per_epoch", "40",
+            "--model.generator_width", "16", "--model.val_size", "32", "--model.procedural_pool_size", "64",
+            "--data.iterations_per_epoch", "40",
             "--trainer.max_epochs", str(epochs), "--trainer.enable_progress_bar", "false",
             "--checkpoint_minutes", "0.02", "--run_dir", str(run_dir)]
 
