@@ -203,7 +203,8 @@ class DataFreeDistillation(L.LightningModule):
         if hp.procedural_inversion_steps < 0:
             raise ConfigError(f"procedural_inversion_steps must be >= 0, got {hp.procedural_inversion_steps}")
         if hp.procedural_inversion_steps and not hp.procedural_fraction:
-            raise ConfigError("procedural_inversion_steps inverts the procedural images: set procedural_fraction > 0")
+            raise ConfigError("procedural_inversion_steps inverts the procedural images: set procedural_fraction > 0, "
+                              "or procedural_inversion_steps 0 to turn the shapes off")
         if hp.kd_temperature <= 0 or hp.entropy_log_base <= 1:
             raise ConfigError("kd_temperature must be > 0 and entropy_log_base > 1")
         if hp.synthetic == "gaussian" and hp.schedule == "official":
