@@ -78,6 +78,12 @@ p.add_argument("--proc_inv", type=int, default=0)  # shapes as a starting point:
 p.add_argument("--proc_inv_lr", type=float, default=0.02)
 p.add_argument("--dir", type=float, default=0.0)   # ZSKD-style soft targets: Dirichlet(dir x class similarity row of the teacher's class)
 p.add_argument("--dir_frac", type=float, default=0.5)  # share of each generator batch that gets the soft targets
+p.add_argument("--proc_refresh", type=int, default=0)  # every this many iterations, the oldest --proc_refresh_n pool images are replaced by freshly inverted shapes
+p.add_argument("--proc_refresh_n", type=int, default=256)
+p.add_argument("--proc_jitter", type=int, default=0)  # inversion: random shift by up to this many px and a random horizontal flip at every step (DeepInversion's jitter)
+p.add_argument("--proc_adi", type=float, default=0.0)  # refresh inversion: also maximise the student-teacher Jensen-Shannon divergence (DeepInversion's ADI competition)
+p.add_argument("--proc_evolve", type=int, default=0)  # every iteration, this many pool images get one more inversion step (Adam state kept per image): the pool keeps evolving
+p.add_argument("--proc_evolve_lr", type=float, default=0.01)
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 a = p.parse_args()
 torch.set_num_threads(a.threads); torch.manual_seed(a.seed)
@@ -164,12 +170,69 @@ def invert_shapes(n):
     with torch.no_grad():
         print(f"inverted shapes: teacher agrees with the assigned class on {(T(x).argmax(1) == torch.arange(n) % 10).float().mean():.3f}", flush=True)
     return x
+def invert_shapes_ext(n, student=None):
+    """--proc_jitter / --proc_adi variant of invert_toward_classes (same CE + BN-statistics
+    loss, same Adam lr): the teacher sees each step's batch shifted and flipped at random,
+    and with a student the pixels also move toward student-teacher disagreement."""
+    pixels = dead_leaves(n, meta["native_size"], 1, a.proc_shapes, a.proc_scale).requires_grad_()
+    targets = torch.arange(n) % 10
+    opt = torch.optim.Adam([pixels], lr=a.proc_inv_lr)
+    for _ in range(a.proc_inv):
+        x = adapter(pixels)
+        if a.proc_jitter:
+            dx, dy = torch.randint(-a.proc_jitter, a.proc_jitter + 1, (2,)).tolist()
+            x = torch.roll(x, (dy, dx), (2, 3))
+            if torch.rand(()) < 0.5: x = x.flip(3)
+        if hooks: hooks.recording = True
+        tl = T(x)
+        if hooks: hooks.recording = False
+        loss = F.cross_entropy(tl, targets)
+        if hooks: loss = loss + batchnorm_statistics_loss(hooks.pop())
+        if student is not None and a.proc_adi:
+            pt, ps = F.softmax(tl, 1), F.softmax(student(x), 1); m = 0.5 * (pt + ps)
+            js = 0.5 * ((pt * (pt.clamp_min(1e-8) / m.clamp_min(1e-8)).log()).sum(1) + (ps * (ps.clamp_min(1e-8) / m.clamp_min(1e-8)).log()).sum(1)).mean()
+            loss = loss + a.proc_adi * (1 - js)
+        g, = torch.autograd.grad(loss, pixels)
+        pixels.grad = g; opt.step(); pixels.grad = None
+        with torch.no_grad(): pixels.clamp_(0, 1)
+    return adapter(pixels.detach())
+proc_next = 0  # ring position of the next refreshed pool image
 t_pool = time.time()
-if a.proc and a.proc_inv:
+if a.proc and a.proc_inv and a.proc_jitter:
+    proc_pool = torch.cat([invert_shapes_ext(1024) for _ in range(a.proc_pool // 1024)])
+elif a.proc and a.proc_inv:
     proc_pool = torch.cat([invert_shapes(1024) for _ in range(a.proc_pool // 1024)])
 else:
     proc_pool = torch.cat([procedural_images(1024) for _ in range(a.proc_pool // 1024)]) if a.proc else None
 if a.proc: print(f"procedural pool: {time.time() - t_pool:.0f}s", flush=True)
+if a.proc_evolve:  # pixels of the pool (native size) and a per-image Adam state
+    proc_pix = (proc_pool * std + mean)[..., border:32 - border, border:32 - border].clamp(0, 1).contiguous()
+    proc_cls = torch.arange(len(proc_pool)) % 10
+    evo_m, evo_v, evo_t = torch.zeros_like(proc_pix), torch.zeros_like(proc_pix), torch.zeros(len(proc_pix))
+def js_divergence(tl, sl):
+    pt, ps = F.softmax(tl, 1), F.softmax(sl, 1); m = 0.5 * (pt + ps)
+    return 0.5 * ((pt * (pt.clamp_min(1e-8) / m.clamp_min(1e-8)).log()).sum(1) + (ps * (ps.clamp_min(1e-8) / m.clamp_min(1e-8)).log()).sum(1)).mean()
+def evolve_pool():
+    """--proc_evolve: one more Adam step of inversion (CE to the image's class + BN statistics,
+    + --proc_adi x (1 - JS(student, teacher))) on a random subset of the pool."""
+    idx = torch.randperm(len(proc_pix))[:a.proc_evolve]
+    pix = proc_pix[idx].clone().requires_grad_()
+    x = adapter(pix)
+    if hooks: hooks.recording = True
+    tl = T(x)
+    if hooks: hooks.recording = False
+    loss = F.cross_entropy(tl, proc_cls[idx])
+    if hooks: loss = loss + batchnorm_statistics_loss(hooks.pop())
+    if a.proc_adi:
+        loss = loss + a.proc_adi * (1 - js_divergence(tl, S(x)))
+    g, = torch.autograd.grad(loss, pix)
+    S.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        b1, b2 = 0.9, 0.999
+        evo_t[idx] += 1; t = evo_t[idx].view(-1, 1, 1, 1)
+        evo_m[idx] = b1 * evo_m[idx] + (1 - b1) * g; evo_v[idx] = b2 * evo_v[idx] + (1 - b2) * g * g
+        step = a.proc_evolve_lr * (evo_m[idx] / (1 - b1 ** t)) / ((evo_v[idx] / (1 - b2 ** t)).sqrt() + 1e-8)
+        proc_pix[idx] = (pix - step).clamp(0, 1); proc_pool[idx] = adapter(proc_pix[idx])
 frame = torch.zeros(1, 1, 32, 32); frame[..., border:32 - border, border:32 - border] = 1
 def latents(n):
     z = torch.randn(n, 100)
@@ -275,6 +338,11 @@ for it in range(a.iters):
             prio[idx] = prio[:min(count, a.replay)].max() if count else 1.0
         count += n
     if sched_g: sched_g.step()
+    if a.proc_refresh and it and it % a.proc_refresh == 0:
+        S.eval(); fresh = invert_shapes_ext(a.proc_refresh_n, S); S.train()
+        ring = (torch.arange(a.proc_refresh_n) + proc_next) % len(proc_pool); proc_pool[ring] = fresh
+        proc_next += a.proc_refresh_n
+    if a.proc_evolve: evolve_pool()
     for _ in range(a.s_steps):
         if a.replay and a.balance:
             filled = min(count, a.replay)

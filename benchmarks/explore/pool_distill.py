@@ -1,0 +1,157 @@
+"""Exploration (benchmarks/explore/README.md, ninth round): how good is a pool of images
+inverted through the teacher *on its own*, without a generator? Builds a pool of
+dead-leaves shapes moved by Adam steps on their pixels until the teacher sees each as an
+assigned class (CE + BatchNorm statistics, `dafl.procedural.invert_toward_classes`'s
+loss, with optional extra priors), then trains the student by KD on the pool with mixup /
+CutMix (the product's functions). With --rounds R the pool is built in R parts and the
+student trains between them, so that later parts can be pushed toward student-teacher
+disagreement (--adi, DeepInversion's adaptive competition). Research code; test accuracy
+is printed along the way and never used to select.
+
+    python benchmarks/explore/pool_distill.py --pool 8192 --inv_steps 40 --steps 4000
+"""
+import argparse, json, math, time
+import torch, torch.nn.functional as F
+from dafl.weights import load_classifier
+from dafl.models import build_model
+from dafl.datasets import load_split, InputAdapter
+from dafl.procedural import dead_leaves
+from dafl.losses import BatchNormStatistics, batchnorm_statistics_loss, kd_loss
+from lightning_modules.student import mixup, cutmix
+
+p = argparse.ArgumentParser()
+p.add_argument("--teacher", default="checkpoints/fashion_mnist_lenet5_bn.safetensors")
+p.add_argument("--pool", type=int, default=8192)
+p.add_argument("--chunk", type=int, default=512)       # images inverted together (one BN-statistics batch)
+p.add_argument("--inv_steps", type=int, default=40)
+p.add_argument("--inv_lr", type=float, default=0.02)
+p.add_argument("--shapes", type=int, default=3)
+p.add_argument("--scale", type=float, default=1.5)
+p.add_argument("--bn", type=float, default=1.0)
+p.add_argument("--tv", type=float, default=0.0)         # total-variation prior on the pixels
+p.add_argument("--jitter", type=int, default=0)         # random shift (px) of each inversion step's batch
+p.add_argument("--flip", type=int, default=0)           # random horizontal flip of each inversion step's batch
+p.add_argument("--init", default="shapes")              # shapes | noise | black
+p.add_argument("--soft", type=float, default=0.0)       # share of each chunk inverted toward a soft target: lam x its class + (1 - lam) x a similar class
+p.add_argument("--soft_min", type=float, default=0.4)   # lam ~ U(soft_min, 1)
+p.add_argument("--vary", type=int, default=0)           # shapes per image uniform in 1..2*shapes-1, scale uniform in [0.7, 1.3] x scale
+p.add_argument("--rounds", type=int, default=1)
+p.add_argument("--adi", type=float, default=0.0)        # later rounds: also maximise JS(student, teacher)
+p.add_argument("--steps", type=int, default=4000)       # student steps in all
+p.add_argument("--bs", type=int, default=256)
+p.add_argument("--lr", type=float, default=0.1)
+p.add_argument("--wd", type=float, default=5e-4)
+p.add_argument("--warmup", type=int, default=500)
+p.add_argument("--mixup", type=float, default=1.0)
+p.add_argument("--cutmix", type=float, default=0.5)
+p.add_argument("--T", type=float, default=1.0)
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--threads", type=int, default=1)
+p.add_argument("--eval_every", type=int, default=1000)
+p.add_argument("--save_pool", default="")
+a = p.parse_args()
+torch.set_num_threads(a.threads); torch.manual_seed(a.seed)
+T, meta = load_classifier(a.teacher); T.eval().requires_grad_(False)
+adapter = InputAdapter(meta["native_size"], meta["image_size"], meta["mean"], meta["std"])
+n_cls, size = meta["num_classes"], meta["native_size"]
+test = load_split(meta.get("dataset") or "fashion-mnist", "test")
+test_x, test_y = adapter(test.images), test.labels
+hooks = BatchNormStatistics(T) if a.bn and BatchNormStatistics(T).layers else None
+
+
+def accuracy(net):
+    net.eval()
+    with torch.no_grad():
+        pred = torch.cat([net(x).argmax(1) for x in test_x.split(2000)])
+    net.train()
+    return (pred == test_y).float().mean().item(), [round((pred[test_y == c] == c).float().mean().item(), 2) for c in range(n_cls)]
+
+
+def js_divergence(tl, sl):
+    pt, ps = F.softmax(tl, 1), F.softmax(sl, 1); m = 0.5 * (pt + ps)
+    kl = lambda p_: (p_ * (p_.clamp_min(1e-8).log() - m.clamp_min(1e-8).log())).sum(1)
+    return 0.5 * (kl(pt) + kl(ps)).mean()
+
+
+# class similarity (ZSKD): cosine between rows of the teacher's last layer; partner classes drawn ~ exp(5 x cosine)
+_w = F.normalize([m for m in T.modules() if isinstance(m, torch.nn.Linear)][-1].weight.detach(), dim=1)
+partner_probs = torch.softmax(5 * (_w @ _w.T) - 1e9 * torch.eye(n_cls), 1)
+
+
+def soft_targets(n):
+    hard = torch.arange(n) % n_cls
+    targets = F.one_hot(hard, n_cls).float()
+    k = int(round(a.soft * n))
+    if k:
+        partner = torch.multinomial(partner_probs[hard[:k]], 1).squeeze(1)
+        lam = a.soft_min + (1 - a.soft_min) * torch.rand(k, 1)
+        targets[:k] = lam * targets[:k] + (1 - lam) * F.one_hot(partner, n_cls).float()
+    return targets
+
+
+def initial_pixels(n):
+    if not a.vary:
+        return dead_leaves(n, size, 1, a.shapes, a.scale)
+    out = torch.empty(n, 1, size, size)
+    count = torch.randint(1, 2 * a.shapes, (n,)); scale = a.scale * (0.7 + 0.6 * torch.rand(n))
+    for i in range(n):  # per-image shape count and scale
+        out[i] = dead_leaves(1, size, 1, int(count[i]), float(scale[i]))[0]
+    return out
+
+
+def invert(n, student=None):
+    if a.init == "shapes":
+        pixels = initial_pixels(n)
+    elif a.init == "noise":
+        pixels = torch.rand(n, 1, size, size) * 0.5
+    else:
+        pixels = torch.zeros(n, 1, size, size)
+    pixels.requires_grad_()
+    targets = soft_targets(n)
+    opt = torch.optim.Adam([pixels], lr=a.inv_lr)
+    for _ in range(a.inv_steps):
+        x = adapter(pixels)
+        if a.jitter:
+            dx, dy = torch.randint(-a.jitter, a.jitter + 1, (2,)).tolist()
+            x = torch.roll(x, (dy, dx), (2, 3))
+        if a.flip and torch.rand(()) < 0.5:
+            x = x.flip(3)
+        if hooks: hooks.recording = True
+        tl = T(x)
+        if hooks: hooks.recording = False
+        loss = F.cross_entropy(tl, targets)
+        if hooks: loss = loss + a.bn * batchnorm_statistics_loss(hooks.pop())
+        if a.tv:
+            loss = loss + a.tv * ((pixels[..., 1:, :] - pixels[..., :-1, :]).abs().mean() + (pixels[..., :, 1:] - pixels[..., :, :-1]).abs().mean())
+        if student is not None and a.adi:
+            loss = loss + a.adi * (1 - js_divergence(tl, student(x)))
+        opt.zero_grad(); loss.backward(); opt.step()
+        with torch.no_grad(): pixels.clamp_(0, 1)
+    return adapter(pixels.detach())
+
+
+S = build_model("lenet5_half", in_channels=1, num_classes=n_cls, image_size=meta["image_size"])
+opt = torch.optim.SGD(S.parameters(), lr=a.lr, momentum=0.9, weight_decay=a.wd)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / a.warmup) * 0.5 * (1 + math.cos(math.pi * k / a.steps)))
+pool = torch.zeros(0, 1, meta["image_size"], meta["image_size"])
+t0, t_inv, step, log = time.time(), 0.0, 0, []
+per_round = a.pool // a.rounds
+for r in range(a.rounds):
+    t1 = time.time()
+    S.eval()
+    pool = torch.cat([pool] + [invert(min(a.chunk, per_round - i), S if r else None) for i in range(0, per_round, a.chunk)])
+    S.train(); t_inv += time.time() - t1
+    for _ in range(a.steps * (r + 1) // a.rounds - step):
+        x = pool[torch.randint(0, len(pool), (a.bs,))]
+        x = cutmix(x) if a.cutmix and torch.rand(()) < a.cutmix else mixup(x, a.mixup)
+        with torch.no_grad(): tl = T(x)
+        loss = kd_loss(S(x), tl, a.T)
+        opt.zero_grad(); loss.backward(); opt.step(); sched.step(); step += 1
+        if step % a.eval_every == 0 or step == a.steps:
+            acc, _ = accuracy(S); log.append((step, round(time.time() - t0), round(acc, 4)))
+            print(f"step {step} pool {len(pool)} {time.time() - t0:.0f}s (inversion {t_inv:.0f}s) acc {acc:.4f} kd {loss.item():.3f}", flush=True)
+acc, per_class = accuracy(S)
+print("per-class student", per_class)
+if a.save_pool: torch.save(pool, a.save_pool)
+print(json.dumps({"final": acc, "secs": round(time.time() - t0), "inv_secs": round(t_inv), "log": log,
+                  **{k: v for k, v in vars(a).items() if k != "teacher"}}))
