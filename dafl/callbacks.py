@@ -11,22 +11,23 @@ import torch
 
 
 class SampleGrid(L.Callback):
-    """After each training epoch, write `samples/epoch_XXXX.png`: the first `count` images
-    of the fixed latent bank, each titled with the teacher's predicted class and confidence."""
+    """After each training epoch, write `samples/epoch_XXXX.png`: the first `count`
+    validation images (generator samples of the fixed latent bank, or held-out inverted
+    shapes), each titled with the teacher's predicted class and confidence."""
 
     def __init__(self, count: int = 32, columns: int = 8):
         self.count, self.columns = count, columns
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or not hasattr(module, "generator"):
+        if not trainer.is_global_zero or not hasattr(module, "preview_images"):
             return
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        images = module.generator.sample(module.val_latents[: self.count])
         with torch.no_grad():
+            images = module.preview_images(self.count)
             probs = module.teacher(images).softmax(1)
         confidence, predicted = probs.max(1)
         names = module.export_metadata().get("class_names") or [str(i) for i in range(probs.shape[1])]
@@ -39,7 +40,9 @@ class SampleGrid(L.Callback):
             ax.set_title(f"{names[c]} {p:.0%}", fontsize=7)
         for ax in axes.flat:
             ax.axis("off")
-        fig.suptitle(f"epoch {trainer.current_epoch}: generator samples, teacher's class and confidence", fontsize=9)
+        source = {"inverted": "held-out inverted shapes", "gaussian": "Gaussian noise"}.get(
+            module.hparams.get("synthetic"), "generator samples")
+        fig.suptitle(f"epoch {trainer.current_epoch}: {source}, teacher's class and confidence", fontsize=9)
         fig.tight_layout()
         folder = Path(trainer.default_root_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)

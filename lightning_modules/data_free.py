@@ -7,9 +7,13 @@ a student imitates the teacher on them (`StudentObjective`). Two schedules:
   step; the student trains on the generator's pre-update batch (the published code).
 - `alternating`: `generator_steps` generator updates, then `student_steps` student
   updates on fresh generator samples (or on batches drawn from the replay memory).
+
+With `synthetic="inverted"` no generator is trained: every student image comes from a
+fixed pool of dead-leaves shapes inverted through the teacher (`dafl.procedural`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Literal, Optional
@@ -41,7 +45,7 @@ class DataFreeDistillation(L.LightningModule):
         generator_width: int = 128,
         batch_size: int = 512,
         schedule: Literal["official", "alternating"] = "official",
-        synthetic: Literal["generator", "gaussian"] = "generator",
+        synthetic: Literal["generator", "gaussian", "inverted"] = "generator",
         generator_steps: int = 1,
         student_steps: int = 1,
         one_hot_weight: float = 1.0,
@@ -91,8 +95,11 @@ class DataFreeDistillation(L.LightningModule):
             bn_stat_weight: DeepInversion BatchNorm-statistics loss (needs a BN teacher).
             adversarial_weight: DFAD term, the generator maximises student-teacher L1 gap.
             diversity_weight: mode-seeking term: different latents must give different images.
-            synthetic: where student images come from: the DAFL generator, or Gaussian noise
-                (the paper's "normal distribution" baseline; no generator is trained).
+            synthetic: where student images come from: the DAFL generator; Gaussian noise
+                (the paper's "normal distribution" baseline); or 'inverted': only the pool of
+                `procedural_pool_size` shapes inverted through the teacher (needs
+                `procedural_inversion_steps` > 0; validation uses `val_size` more, held out).
+                No generator is trained for the last two.
             native_padding: synthetic images keep the constant border that real inputs get when
                 padded from the teacher's native size (e.g. 28 -> 32 for Fashion-MNIST).
             class_conditional: the generator gets a one-hot class code in its latent and the
@@ -158,8 +165,9 @@ class DataFreeDistillation(L.LightningModule):
             for network in (self.generator.net, self.teacher, self.student.net):
                 network.compile()
         self.replay = ReplayMemory(replay_size, self._image_shape()) if replay_size else None
-        self.procedural = self._procedural_shapes() if procedural_fraction > 0 else None
+        self.procedural = self._procedural_shapes() if procedural_fraction > 0 or synthetic == "inverted" else None
         self.procedural_pool: Optional[torch.Tensor] = None  # inverted shapes, built in the first epoch
+        self.validation_pool: Optional[torch.Tensor] = None  # held-out inverted shapes ('inverted' only)
         # Fixed latent bank for the label-free validation signal and the sample grids.
         bank, _ = self.generator.latents(val_size, generator=torch.Generator().manual_seed(1234))
         self.register_buffer("val_latents", bank)
@@ -179,7 +187,8 @@ class DataFreeDistillation(L.LightningModule):
         meta, hp = self.teacher_meta, self.hparams
         missing = missing_input_metadata(meta)
         if missing:
-            raise ConfigError(f"procedural_fraction needs the teacher's {', '.join(missing)} (a teacher file "
+            what = "synthetic 'inverted'" if hp.synthetic == "inverted" else "procedural_fraction"
+            raise ConfigError(f"{what} needs the teacher's {', '.join(missing)} (a teacher file "
                               "written by dafl has them)")
         return ProceduralShapes(meta["native_size"], meta["image_size"], meta["mean"], meta["std"],
                                 hp.procedural_shapes, hp.procedural_scale)
@@ -202,13 +211,16 @@ class DataFreeDistillation(L.LightningModule):
             raise ConfigError("procedural_shapes, procedural_scale and procedural_pool_size must be positive")
         if hp.procedural_inversion_steps < 0:
             raise ConfigError(f"procedural_inversion_steps must be >= 0, got {hp.procedural_inversion_steps}")
-        if hp.procedural_inversion_steps and not hp.procedural_fraction:
+        if hp.synthetic == "inverted" and (not hp.procedural_inversion_steps or hp.procedural_fraction):
+            raise ConfigError("synthetic 'inverted' draws every student image from the inverted pool: set "
+                              "procedural_inversion_steps > 0 and procedural_fraction 0")
+        if hp.procedural_inversion_steps and not hp.procedural_fraction and hp.synthetic != "inverted":
             raise ConfigError("procedural_inversion_steps inverts the procedural images: set procedural_fraction > 0, "
                               "or procedural_inversion_steps 0 to turn the shapes off")
         if hp.kd_temperature <= 0 or hp.entropy_log_base <= 1:
             raise ConfigError("kd_temperature must be > 0 and entropy_log_base > 1")
-        if hp.synthetic == "gaussian" and hp.schedule == "official":
-            raise ConfigError("synthetic 'gaussian' trains no generator: use schedule 'alternating'")
+        if hp.synthetic != "generator" and hp.schedule == "official":
+            raise ConfigError(f"synthetic '{hp.synthetic}' trains no generator: use schedule 'alternating'")
         if hp.balanced_one_hot and hp.class_conditional:
             raise ConfigError("balanced_one_hot and class_conditional both balance the classes: choose one")
         if hp.native_padding and hp.generator_arch == "native":
@@ -269,17 +281,31 @@ class DataFreeDistillation(L.LightningModule):
         hp = self.hparams
         if hp.procedural_inversion_steps and self.procedural_pool is None:
             start = time.perf_counter()
-            bn_stats = BatchNormStatistics(self.teacher)
-            shapes, chunks = self.procedural, []
-            for first in range(0, hp.procedural_pool_size, 1024):
-                n = min(1024, hp.procedural_pool_size - first)
-                chunks.append(invert_toward_classes(shapes.pixels(n), self.teacher, shapes.adapter,
-                                                    self.teacher_meta["num_classes"], hp.procedural_inversion_steps,
-                                                    bn_stats=bn_stats if bn_stats.layers else None))
-            bn_stats.remove()
-            self.procedural_pool = torch.cat(chunks)
+            self.procedural_pool = self._invert_shapes(hp.procedural_pool_size)
+            if hp.synthetic == "inverted" and self.validation_pool is None:
+                self.validation_pool = self._invert_shapes(len(self.val_latents), seed=1234)
             rank_zero_info(f"Inverted {hp.procedural_pool_size} procedural images through the teacher "
                            f"({hp.procedural_inversion_steps} steps each) in {time.perf_counter() - start:.0f} s")
+
+    def _invert_shapes(self, count: int, seed: Optional[int] = None) -> torch.Tensor:
+        """`count` dead-leaves shapes inverted through the teacher, in chunks of 1,024 (each
+        chunk one BatchNorm-statistics batch, classes balanced within it). With `seed`, the
+        same images every time (the validation pool), whatever the global random state."""
+        hp = self.hparams
+        bn_stats = BatchNormStatistics(self.teacher)
+        chunks = []
+        fixed = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+        # inference_mode(False): `validate` may ask for the validation pool inside Lightning's inference mode
+        with fixed if seed is not None else contextlib.nullcontext(), torch.inference_mode(False):
+            if seed is not None:
+                torch.manual_seed(seed)
+            for first in range(0, count, 1024):
+                n = min(1024, count - first)
+                chunks.append(invert_toward_classes(self.procedural.pixels(n), self.teacher, self.procedural.adapter,
+                                                    self.teacher_meta["num_classes"], hp.procedural_inversion_steps,
+                                                    bn_stats=bn_stats if bn_stats.layers else None))
+        bn_stats.remove()
+        return torch.cat(chunks)
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["dafl"] = self.export_metadata()
@@ -302,6 +328,10 @@ class DataFreeDistillation(L.LightningModule):
         return images
 
     def _synthetic_batch(self, n: int) -> torch.Tensor:
+        if self.hparams.synthetic == "inverted":
+            if self.procedural_pool is None:
+                raise RuntimeError("the inverted pool is built at the start of the first training epoch")
+            return self.procedural_pool[torch.randint(len(self.procedural_pool), (n,), device=self.procedural_pool.device)]
         if self.hparams.synthetic == "gaussian":
             return torch.randn(n, *self._image_shape(), device=self.device)
         if self.replay is not None:
@@ -309,11 +339,22 @@ class DataFreeDistillation(L.LightningModule):
         return self.generator.sample(self._latents(n)[0])
 
     def _held_out_images(self, z: torch.Tensor, chunk: int) -> torch.Tensor:
-        """Validation images from the fixed latent bank (or fixed noise for 'gaussian')."""
+        """Validation images from the fixed latent bank (or fixed noise for 'gaussian', or a
+        fixed held-out pool of inverted shapes for 'inverted')."""
+        if self.hparams.synthetic == "inverted":
+            if self.validation_pool is None:
+                self.validation_pool = self._invert_shapes(len(self.val_latents), seed=1234)
+            first = chunk * self.hparams.batch_size
+            return self.validation_pool[first:first + len(z)]
         if self.hparams.synthetic == "gaussian":
             noise = torch.Generator().manual_seed(chunk)
             return torch.randn(z.shape[0], *self._image_shape(), generator=noise).to(self.device)
         return self.generator.sample(z)
+
+    def preview_images(self, n: int) -> torch.Tensor:
+        """The first `n` validation images (generator samples of the fixed latent bank, or
+        the held-out inverted shapes): what `SampleGrid` shows."""
+        return self._held_out_images(self.val_latents[:n], 0)
 
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         return gather_with_grad(t)

@@ -84,6 +84,7 @@ p.add_argument("--proc_jitter", type=int, default=0)  # inversion: random shift 
 p.add_argument("--proc_adi", type=float, default=0.0)  # refresh inversion: also maximise the student-teacher Jensen-Shannon divergence (DeepInversion's ADI competition)
 p.add_argument("--proc_evolve", type=int, default=0)  # every iteration, this many pool images get one more inversion step (Adam state kept per image): the pool keeps evolving
 p.add_argument("--proc_evolve_lr", type=float, default=0.01)
+p.add_argument("--proc_load", default="")  # procedural pool from a file (pool_distill.py --save_pool), instead of building one
 p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 a = p.parse_args()
 torch.set_num_threads(a.threads); torch.manual_seed(a.seed)
@@ -198,7 +199,9 @@ def invert_shapes_ext(n, student=None):
     return adapter(pixels.detach())
 proc_next = 0  # ring position of the next refreshed pool image
 t_pool = time.time()
-if a.proc and a.proc_inv and a.proc_jitter:
+if a.proc and a.proc_load:
+    proc_pool = torch.load(a.proc_load)
+elif a.proc and a.proc_inv and a.proc_jitter:
     proc_pool = torch.cat([invert_shapes_ext(1024) for _ in range(a.proc_pool // 1024)])
 elif a.proc and a.proc_inv:
     proc_pool = torch.cat([invert_shapes(1024) for _ in range(a.proc_pool // 1024)])

@@ -29,8 +29,12 @@ p.add_argument("--shapes", type=int, default=3)
 p.add_argument("--scale", type=float, default=1.5)
 p.add_argument("--bn", type=float, default=1.0)
 p.add_argument("--tv", type=float, default=0.0)         # total-variation prior on the pixels
+p.add_argument("--l1", type=float, default=0.0)         # L1 prior on the [0, 1] pixels: black backgrounds, like real inputs
 p.add_argument("--jitter", type=int, default=0)         # random shift (px) of each inversion step's batch
 p.add_argument("--flip", type=int, default=0)           # random horizontal flip of each inversion step's batch
+p.add_argument("--blur", type=float, default=0.0)       # probability that an inversion step's batch is blurred (3x3 box)
+p.add_argument("--noise", type=float, default=0.0)      # Gaussian noise (normalised units) added to each inversion step's batch
+p.add_argument("--eot", type=int, default=1)            # augmented views per inversion step (losses averaged: expectation over transformations)
 p.add_argument("--init", default="shapes")              # shapes | noise | black
 p.add_argument("--soft", type=float, default=0.0)       # share of each chunk inverted toward a soft target: lam x its class + (1 - lam) x a similar class
 p.add_argument("--soft_min", type=float, default=0.4)   # lam ~ U(soft_min, 1)
@@ -45,10 +49,20 @@ p.add_argument("--warmup", type=int, default=500)
 p.add_argument("--mixup", type=float, default=1.0)
 p.add_argument("--cutmix", type=float, default=0.5)
 p.add_argument("--T", type=float, default=1.0)
+p.add_argument("--swa_start", type=float, default=0.0)  # from this fraction of the steps on, keep a uniform average of the student's weights (SWA / SWAD)
+p.add_argument("--swa_lr", type=float, default=0.0)     # constant lr from swa_start on (0: keep the cosine schedule)
+p.add_argument("--swa_every", type=int, default=10)
+p.add_argument("--save_student", default="")
+p.add_argument("--filter", type=float, default=0.0)    # at --filter_at of the steps, drop this share of the pool: the images the student fits worst (KD loss, no mixing)
+p.add_argument("--filter_at", type=float, default=0.5)
+p.add_argument("--branches", type=int, default=0)      # at --branch_at of the steps, fork the student K times (own batches each), average the K weights at the end (model soup)
+p.add_argument("--branch_at", type=float, default=0.5)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--eval_every", type=int, default=1000)
 p.add_argument("--save_pool", default="")
+p.add_argument("--load_pool", default="")     # train on a saved pool (rounds 1); the student's seed is --student_seed
+p.add_argument("--student_seed", type=int, default=-1)
 a = p.parse_args()
 torch.set_num_threads(a.threads); torch.manual_seed(a.seed)
 T, meta = load_classifier(a.teacher); T.eval().requires_grad_(False)
@@ -110,21 +124,29 @@ def invert(n, student=None):
     targets = soft_targets(n)
     opt = torch.optim.Adam([pixels], lr=a.inv_lr)
     for _ in range(a.inv_steps):
-        x = adapter(pixels)
-        if a.jitter:
-            dx, dy = torch.randint(-a.jitter, a.jitter + 1, (2,)).tolist()
-            x = torch.roll(x, (dy, dx), (2, 3))
-        if a.flip and torch.rand(()) < 0.5:
-            x = x.flip(3)
-        if hooks: hooks.recording = True
-        tl = T(x)
-        if hooks: hooks.recording = False
-        loss = F.cross_entropy(tl, targets)
-        if hooks: loss = loss + a.bn * batchnorm_statistics_loss(hooks.pop())
+        loss = 0.0
+        for _view in range(a.eot):
+            x = adapter(pixels)
+            if a.jitter:
+                dx, dy = torch.randint(-a.jitter, a.jitter + 1, (2,)).tolist()
+                x = torch.roll(x, (dy, dx), (2, 3))
+            if a.flip and torch.rand(()) < 0.5:
+                x = x.flip(3)
+            if a.blur and torch.rand(()) < a.blur:
+                x = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+            if a.noise:
+                x = x + a.noise * torch.randn_like(x)
+            if hooks: hooks.recording = True
+            tl = T(x)
+            if hooks: hooks.recording = False
+            loss = loss + F.cross_entropy(tl, targets) / a.eot
+            if hooks: loss = loss + a.bn * batchnorm_statistics_loss(hooks.pop()) / a.eot
+            if student is not None and a.adi:
+                loss = loss + a.adi * (1 - js_divergence(tl, student(x))) / a.eot
         if a.tv:
             loss = loss + a.tv * ((pixels[..., 1:, :] - pixels[..., :-1, :]).abs().mean() + (pixels[..., :, 1:] - pixels[..., :, :-1]).abs().mean())
-        if student is not None and a.adi:
-            loss = loss + a.adi * (1 - js_divergence(tl, student(x)))
+        if a.l1:
+            loss = loss + a.l1 * pixels.mean()
         opt.zero_grad(); loss.backward(); opt.step()
         with torch.no_grad(): pixels.clamp_(0, 1)
     return adapter(pixels.detach())
@@ -132,26 +154,79 @@ def invert(n, student=None):
 
 S = build_model("lenet5_half", in_channels=1, num_classes=n_cls, image_size=meta["image_size"])
 opt = torch.optim.SGD(S.parameters(), lr=a.lr, momentum=0.9, weight_decay=a.wd)
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / a.warmup) * 0.5 * (1 + math.cos(math.pi * k / a.steps)))
+swa_from = int(a.swa_start * a.steps) if a.swa_start else a.steps + 1
+def lr_factor(k):
+    if k >= swa_from and a.swa_lr:
+        return a.swa_lr / a.lr
+    return min(1.0, (k + 1) / a.warmup) * 0.5 * (1 + math.cos(math.pi * k / a.steps))
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+S_avg = torch.optim.swa_utils.AveragedModel(S) if a.swa_start else None
 pool = torch.zeros(0, 1, meta["image_size"], meta["image_size"])
 t0, t_inv, step, log = time.time(), 0.0, 0, []
 per_round = a.pool // a.rounds
 for r in range(a.rounds):
     t1 = time.time()
     S.eval()
-    pool = torch.cat([pool] + [invert(min(a.chunk, per_round - i), S if r else None) for i in range(0, per_round, a.chunk)])
+    if a.load_pool:
+        pool = torch.load(a.load_pool)
+        if a.student_seed >= 0: torch.manual_seed(a.student_seed); S.load_state_dict(build_model("lenet5_half", in_channels=1, num_classes=n_cls, image_size=meta["image_size"]).state_dict())
+    else: pool = torch.cat([pool] + [invert(min(a.chunk, per_round - i), S if r else None) for i in range(0, per_round, a.chunk)])
     S.train(); t_inv += time.time() - t1
     for _ in range(a.steps * (r + 1) // a.rounds - step):
+        if a.filter and step == int(a.filter_at * a.steps):
+            with torch.no_grad():
+                per_image = torch.cat([F.kl_div(F.log_softmax(S(c), 1), F.log_softmax(T(c), 1), reduction="none", log_target=True).sum(1) for c in pool.split(1024)])
+            keep = per_image.argsort()[:int(len(pool) * (1 - a.filter))]
+            print(f"filter: kept {len(keep)} images, KD loss of the dropped ones {per_image.sort().values[len(keep):].mean():.3f} vs kept {per_image[keep].mean():.3f}", flush=True)
+            pool = pool[keep]
+        if a.branches and step == int(a.branch_at * a.steps):
+            import copy
+            base_state, base_opt, base_sched = copy.deepcopy(S.state_dict()), copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
         x = pool[torch.randint(0, len(pool), (a.bs,))]
         x = cutmix(x) if a.cutmix and torch.rand(()) < a.cutmix else mixup(x, a.mixup)
         with torch.no_grad(): tl = T(x)
         loss = kd_loss(S(x), tl, a.T)
         opt.zero_grad(); loss.backward(); opt.step(); sched.step(); step += 1
+        if S_avg is not None and step >= swa_from and step % a.swa_every == 0:
+            S_avg.update_parameters(S)
         if step % a.eval_every == 0 or step == a.steps:
             acc, _ = accuracy(S); log.append((step, round(time.time() - t0), round(acc, 4)))
             print(f"step {step} pool {len(pool)} {time.time() - t0:.0f}s (inversion {t_inv:.0f}s) acc {acc:.4f} kd {loss.item():.3f}", flush=True)
+if S_avg is not None:
+    raw, _ = accuracy(S); print(f"raw student (no averaging) {raw:.4f}"); S = S_avg.module
+if a.branches:
+    import copy
+    finals = [copy.deepcopy(S.state_dict())]  # branch 0 = the run above
+    for b in range(1, a.branches):
+        torch.manual_seed(1000 + b); S.load_state_dict(base_state); opt.load_state_dict(base_opt); sched.load_state_dict(base_sched)
+        for k in range(int(a.branch_at * a.steps), a.steps):
+            x = pool[torch.randint(0, len(pool), (a.bs,))]
+            x = cutmix(x) if a.cutmix and torch.rand(()) < a.cutmix else mixup(x, a.mixup)
+            with torch.no_grad(): tl = T(x)
+            loss = kd_loss(S(x), tl, a.T); opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+        finals.append(copy.deepcopy(S.state_dict()))
+    probs = []
+    for b, st in enumerate(finals):
+        S.load_state_dict(st); acc_b, _ = accuracy(S); print(f"branch {b}: {acc_b:.4f}")
+        S.eval()
+        with torch.no_grad(): probs.append(torch.cat([S(x).softmax(1) for x in test_x.split(2000)]))
+    print(f"ensemble of branches: {(sum(probs).argmax(1) == test_y).float().mean():.4f}")
+    S.load_state_dict({k: sum(st[k] for st in finals) / len(finals) for k in finals[0]})
 acc, per_class = accuracy(S)
 print("per-class student", per_class)
+bg = -meta["mean"][0] / meta["std"][0]
+def shift(x, dx, dy):
+    xp = F.pad(x, [2] * 4, value=bg); return xp[:, :, 2 + dy:34 + dy, 2 + dx:34 + dx]
+with torch.no_grad():
+    xs = pool[:2048]; y = T(xs).argmax(1)
+    robust = {"conf": T(xs).softmax(1).max(1).values.mean().item(),
+              "shift1": (T(shift(xs, 1, 0)).argmax(1) == y).float().mean().item(),
+              "shift21": (T(shift(xs, 2, 1)).argmax(1) == y).float().mean().item(),
+              "blur": (T(F.avg_pool2d(xs, 3, 1, 1)).argmax(1) == y).float().mean().item()}
+    probes = torch.load("/work/r9/probe/probes.pt")
+    robust["heldout_inverted_agree"] = (S(probes["inverted"]).argmax(1) == T(probes["inverted"]).argmax(1)).float().mean().item()
+print("pool label robustness", {k: round(v, 3) for k, v in robust.items()})
+if a.save_student: torch.save(S.state_dict(), a.save_student)
 if a.save_pool: torch.save(pool, a.save_pool)
-print(json.dumps({"final": acc, "secs": round(time.time() - t0), "inv_secs": round(t_inv), "log": log,
+print(json.dumps({"final": acc, "robust": robust, "secs": round(time.time() - t0), "inv_secs": round(t_inv), "log": log,
                   **{k: v for k, v in vars(a).items() if k != "teacher"}}))
