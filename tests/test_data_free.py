@@ -143,16 +143,19 @@ def test_augmentation_of_synthetic_batches():
     assert torch.equal(random_shift_flip(x, 0, False), x)
 
 
-def test_gaussian_noise_baseline_trains_no_generator(digits_teacher):
-    model = best_preset(digits_teacher[0], synthetic="gaussian", **FAST)
+@pytest.mark.parametrize("synthetic, extra", [("gaussian", {}),
+                                              ("inverted", dict(procedural_inversion_steps=2, procedural_pool_size=64))])
+def test_sources_without_generator_train_no_generator(digits_teacher, synthetic, extra):
+    model = best_preset(digits_teacher[0], synthetic=synthetic, **extra, **FAST)
     generator_before = [p.clone() for p in model.generator.parameters()]
     student_before = [p.clone() for p in model.student.parameters()]
     trainer = quiet_trainer(max_epochs=1, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=DataFreeDataModule(None, iterations_per_epoch=2))
     assert all(torch.equal(a, b) for a, b in zip(generator_before, model.generator.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(student_before, model.student.parameters()))
-    with pytest.raises(ConfigError, match="gaussian"):
-        DataFreeDistillation(teacher=str(digits_teacher[0]), synthetic="gaussian", schedule="official")
+    assert 0 <= float(trainer.callback_metrics["val/agreement"]) <= 1
+    with pytest.raises(ConfigError, match=synthetic):
+        DataFreeDistillation(teacher=str(digits_teacher[0]), synthetic=synthetic, schedule="official", **extra)
 
 
 def test_class_conditional_latents_are_balanced_and_coded(digits_teacher):

@@ -125,3 +125,30 @@ def test_inverted_pool_is_built_at_fit_start_and_feeds_the_procedural_share(digi
     assert not any((pool == image).flatten(1).all(1).any() for image in batch[:24])
     model.on_train_epoch_start()
     assert model.procedural_pool is pool  # built once
+
+
+def test_synthetic_inverted_draws_every_student_image_from_the_pool_and_validates_on_held_out_shapes(digits_teacher):
+    torch.manual_seed(0)
+    model = DataFreeDistillation(teacher=str(digits_teacher[0]), schedule="alternating", synthetic="inverted",
+                                 procedural_inversion_steps=3, procedural_pool_size=40, **FAST)
+    model.on_train_epoch_start()
+    pool, held_out = model.procedural_pool, model.validation_pool
+    assert pool.shape == (40, *model._image_shape()) and held_out.shape == (64, *model._image_shape())
+    batch = model._student_batch(32)
+    assert all((pool == image).flatten(1).all(1).any() for image in batch)  # nothing but pool images
+    assert not any((pool == image).flatten(1).all(1).any() for image in held_out)  # validation images held out
+    # the held-out pool is the same whatever the global random state (label-free signal comparable across runs)
+    torch.manual_seed(123)
+    again = model._invert_shapes(64, seed=1234)
+    torch.testing.assert_close(again, held_out)
+    assert torch.equal(model.preview_images(8), held_out[:8])
+
+
+def test_synthetic_inverted_settings_are_checked(digits_teacher):
+    teacher = str(digits_teacher[0])
+    for bad in ({"procedural_inversion_steps": 0}, {"procedural_inversion_steps": 3, "procedural_fraction": 0.25}):
+        with pytest.raises(ConfigError, match="synthetic 'inverted'"):
+            DataFreeDistillation(teacher=teacher, schedule="alternating", synthetic="inverted", **bad, **FAST)
+    with pytest.raises(ConfigError, match="trains no generator"):
+        DataFreeDistillation(teacher=teacher, schedule="official", synthetic="inverted", procedural_inversion_steps=3,
+                             **FAST)
