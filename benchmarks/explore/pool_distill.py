@@ -57,6 +57,13 @@ p.add_argument("--filter", type=float, default=0.0)    # at --filter_at of the s
 p.add_argument("--filter_at", type=float, default=0.5)
 p.add_argument("--branches", type=int, default=0)      # at --branch_at of the steps, fork the student K times (own batches each), average the K weights at the end (model soup)
 p.add_argument("--branch_at", type=float, default=0.5)
+p.add_argument("--s_shift", type=int, default=0)     # student batches: per-image random shift up to this many px (background padding)
+p.add_argument("--s_flip", type=int, default=0)      # student batches: per-image random horizontal flip
+p.add_argument("--targets", default="teacher")       # teacher: the teacher labels every (augmented, mixed) batch | fixed: each pool image keeps the
+                                                     # teacher's soft label computed once (class-preserving augmentations, mixing blends the labels)
+p.add_argument("--tta", type=int, default=0)         # soft labels averaged over the teacher's views shifted by up to this many px (and flipped, with --tta_flip)
+p.add_argument("--tta_flip", type=int, default=0)
+p.add_argument("--probes", default="")               # optional held-out probe images (probe.py) for the agreement line
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--eval_every", type=int, default=1000)
@@ -79,6 +86,66 @@ def accuracy(net):
         pred = torch.cat([net(x).argmax(1) for x in test_x.split(2000)])
     net.train()
     return (pred == test_y).float().mean().item(), [round((pred[test_y == c] == c).float().mean().item(), 2) for c in range(n_cls)]
+
+
+bg = -meta["mean"][0] / meta["std"][0]  # the black background in normalised units
+
+
+def shift(x, dx, dy, pad=2):
+    h, w = x.shape[-2:]
+    xp = F.pad(x, [pad] * 4, value=bg); return xp[:, :, pad + dy:pad + dy + h, pad + dx:pad + dx + w]
+
+
+def shift_flip_per_image(x, k, flip):
+    """Each image its own shift in [-k, k]^2 (background padding) and, with flip, a coin-flip mirror."""
+    if k:
+        offsets = torch.randint(-k, k + 1, (len(x), 2)); out = torch.empty_like(x)
+        for dx in range(-k, k + 1):
+            for dy in range(-k, k + 1):
+                m = (offsets[:, 0] == dx) & (offsets[:, 1] == dy)
+                if m.any(): out[m] = shift(x[m], dx, dy, k)
+        x = out
+    if flip:
+        m = torch.rand(len(x)) < 0.5
+        x = torch.where(m.view(-1, 1, 1, 1), x.flip(3), x)
+    return x
+
+
+def teacher_probs(x):
+    """The teacher's softmax, averaged over its shifted (and flipped) views with --tta."""
+    views = [(dx, dy) for dx in range(-a.tta, a.tta + 1) for dy in range(-a.tta, a.tta + 1)]
+    flips = [False, True] if a.tta_flip else [False]
+    with torch.no_grad():
+        return sum(F.softmax(T(shift(x, dx, dy, max(a.tta, 1)).flip(3) if f else shift(x, dx, dy, max(a.tta, 1))) / a.T, 1)
+                   for dx, dy in views for f in flips) / (len(views) * len(flips))
+
+
+def mix_with_targets(x, t):
+    """CutMix (prob --cutmix) or mixup, returning the blended labels too (for --targets fixed)."""
+    perm = torch.randperm(len(x))
+    if a.cutmix and torch.rand(()) < a.cutmix:
+        h, w = x.shape[-2:]; side = math.sqrt(torch.rand(()).item()); bh, bw = round(h * side), round(w * side)
+        top, left = int(torch.randint(0, h - bh + 1, ())), int(torch.randint(0, w - bw + 1, ()))
+        x = x.clone(); x[..., top:top + bh, left:left + bw] = x[perm][..., top:top + bh, left:left + bw]
+        lam = torch.full((len(x), 1), 1 - bh * bw / (h * w))
+    else:
+        lam = torch.distributions.Beta(a.mixup, a.mixup).sample((len(x), 1))
+        x = lam.view(-1, 1, 1, 1) * x + (1 - lam.view(-1, 1, 1, 1)) * x[perm]
+    return x, lam * t + (1 - lam) * t[perm]
+
+
+def soft_ce(student_logits, target_probs):
+    return -(target_probs * F.log_softmax(student_logits / a.T, 1)).sum(1).mean() * a.T ** 2
+
+
+def student_batch():
+    """One student batch and its loss target: (images, teacher logits) or, with soft labels, (images, probabilities)."""
+    idx = torch.randint(0, len(pool), (a.bs,))
+    x = shift_flip_per_image(pool[idx], a.s_shift, a.s_flip)
+    if a.targets == "fixed":
+        return mix_with_targets(x, pool_targets[idx])
+    x = cutmix(x) if a.cutmix and torch.rand(()) < a.cutmix else mixup(x, a.mixup)
+    return x, teacher_probs(x)
 
 
 def js_divergence(tl, sl):
@@ -171,6 +238,7 @@ for r in range(a.rounds):
         pool = torch.load(a.load_pool)
         if a.student_seed >= 0: torch.manual_seed(a.student_seed); S.load_state_dict(build_model("lenet5_half", in_channels=1, num_classes=n_cls, image_size=meta["image_size"]).state_dict())
     else: pool = torch.cat([pool] + [invert(min(a.chunk, per_round - i), S if r else None) for i in range(0, per_round, a.chunk)])
+    pool_targets = torch.cat([teacher_probs(c) for c in pool.split(1024)]) if a.targets == "fixed" else None
     S.train(); t_inv += time.time() - t1
     for _ in range(a.steps * (r + 1) // a.rounds - step):
         if a.filter and step == int(a.filter_at * a.steps):
@@ -182,10 +250,8 @@ for r in range(a.rounds):
         if a.branches and step == int(a.branch_at * a.steps):
             import copy
             base_state, base_opt, base_sched = copy.deepcopy(S.state_dict()), copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
-        x = pool[torch.randint(0, len(pool), (a.bs,))]
-        x = cutmix(x) if a.cutmix and torch.rand(()) < a.cutmix else mixup(x, a.mixup)
-        with torch.no_grad(): tl = T(x)
-        loss = kd_loss(S(x), tl, a.T)
+        x, target = student_batch()
+        loss = soft_ce(S(x), target)
         opt.zero_grad(); loss.backward(); opt.step(); sched.step(); step += 1
         if S_avg is not None and step >= swa_from and step % a.swa_every == 0:
             S_avg.update_parameters(S)
@@ -200,10 +266,8 @@ if a.branches:
     for b in range(1, a.branches):
         torch.manual_seed(1000 + b); S.load_state_dict(base_state); opt.load_state_dict(base_opt); sched.load_state_dict(base_sched)
         for k in range(int(a.branch_at * a.steps), a.steps):
-            x = pool[torch.randint(0, len(pool), (a.bs,))]
-            x = cutmix(x) if a.cutmix and torch.rand(()) < a.cutmix else mixup(x, a.mixup)
-            with torch.no_grad(): tl = T(x)
-            loss = kd_loss(S(x), tl, a.T); opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+            x, target = student_batch()
+            loss = soft_ce(S(x), target); opt.zero_grad(); loss.backward(); opt.step(); sched.step()
         finals.append(copy.deepcopy(S.state_dict()))
     probs = []
     for b, st in enumerate(finals):
@@ -214,17 +278,15 @@ if a.branches:
     S.load_state_dict({k: sum(st[k] for st in finals) / len(finals) for k in finals[0]})
 acc, per_class = accuracy(S)
 print("per-class student", per_class)
-bg = -meta["mean"][0] / meta["std"][0]
-def shift(x, dx, dy):
-    xp = F.pad(x, [2] * 4, value=bg); return xp[:, :, 2 + dy:34 + dy, 2 + dx:34 + dx]
 with torch.no_grad():
     xs = pool[:2048]; y = T(xs).argmax(1)
     robust = {"conf": T(xs).softmax(1).max(1).values.mean().item(),
               "shift1": (T(shift(xs, 1, 0)).argmax(1) == y).float().mean().item(),
               "shift21": (T(shift(xs, 2, 1)).argmax(1) == y).float().mean().item(),
               "blur": (T(F.avg_pool2d(xs, 3, 1, 1)).argmax(1) == y).float().mean().item()}
-    probes = torch.load("/work/r9/probe/probes.pt")
-    robust["heldout_inverted_agree"] = (S(probes["inverted"]).argmax(1) == T(probes["inverted"]).argmax(1)).float().mean().item()
+    if a.probes:
+        probes = torch.load(a.probes)
+        robust["heldout_inverted_agree"] = (S(probes["inverted"]).argmax(1) == T(probes["inverted"]).argmax(1)).float().mean().item()
 print("pool label robustness", {k: round(v, 3) for k, v in robust.items()})
 if a.save_student: torch.save(S.state_dict(), a.save_student)
 if a.save_pool: torch.save(pool, a.save_pool)
