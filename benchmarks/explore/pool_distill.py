@@ -63,6 +63,7 @@ p.add_argument("--targets", default="teacher")       # teacher: the teacher labe
                                                      # teacher's soft label computed once (class-preserving augmentations, mixing blends the labels)
 p.add_argument("--tta", type=int, default=0)         # soft labels averaged over the teacher's views shifted by up to this many px (and flipped, with --tta_flip)
 p.add_argument("--tta_flip", type=int, default=0)
+p.add_argument("--feat", type=float, default=0.0)    # FitNets on the pool: + feat x relative MSE between a linear map of the student's conv features and the teacher's
 p.add_argument("--probes", default="")               # optional held-out probe images (probe.py) for the agreement line
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--threads", type=int, default=1)
@@ -220,7 +221,16 @@ def invert(n, student=None):
 
 
 S = build_model("lenet5_half", in_channels=1, num_classes=n_cls, image_size=meta["image_size"])
-opt = torch.optim.SGD(S.parameters(), lr=a.lr, momentum=0.9, weight_decay=a.wd)
+proj = torch.nn.Linear(S.feature_dim, T.feature_dim) if a.feat else None
+opt = torch.optim.SGD(list(S.parameters()) + (list(proj.parameters()) if proj else []), lr=a.lr, momentum=0.9, weight_decay=a.wd)
+
+
+def student_loss(x, target):
+    if not a.feat:
+        return soft_ce(S(x), target)
+    logits, sf = S(x, return_features=True)
+    with torch.no_grad(): _, tf = T(x, return_features=True)
+    return soft_ce(logits, target) + a.feat * F.mse_loss(proj(sf), tf) / tf.pow(2).mean()
 swa_from = int(a.swa_start * a.steps) if a.swa_start else a.steps + 1
 def lr_factor(k):
     if k >= swa_from and a.swa_lr:
@@ -251,7 +261,7 @@ for r in range(a.rounds):
             import copy
             base_state, base_opt, base_sched = copy.deepcopy(S.state_dict()), copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
         x, target = student_batch()
-        loss = soft_ce(S(x), target)
+        loss = student_loss(x, target)
         opt.zero_grad(); loss.backward(); opt.step(); sched.step(); step += 1
         if S_avg is not None and step >= swa_from and step % a.swa_every == 0:
             S_avg.update_parameters(S)
@@ -267,7 +277,7 @@ if a.branches:
         torch.manual_seed(1000 + b); S.load_state_dict(base_state); opt.load_state_dict(base_opt); sched.load_state_dict(base_sched)
         for k in range(int(a.branch_at * a.steps), a.steps):
             x, target = student_batch()
-            loss = soft_ce(S(x), target); opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+            loss = student_loss(x, target); opt.zero_grad(); loss.backward(); opt.step(); sched.step()
         finals.append(copy.deepcopy(S.state_dict()))
     probs = []
     for b, st in enumerate(finals):
