@@ -278,6 +278,13 @@ class DataFreeDistillation(L.LightningModule):
     def on_train_epoch_start(self):
         # Built in the first epoch rather than at fit start, so that its time counts as
         # training time (benchmarks time epochs).
+        self._build_pools()
+
+    def _build_pools(self):
+        """The inverted pool (and, for 'inverted', the held-out validation pool), once. Also
+        called on first use: Lightning skips `on_train_epoch_start` when a run resumes from a
+        mid-epoch checkpoint, and the pool is not in checkpoints (it is rebuilt, from the
+        resumed random state, so a resumed run sees a different pool of the same kind)."""
         hp = self.hparams
         if hp.procedural_inversion_steps and self.procedural_pool is None:
             start = time.perf_counter()
@@ -318,6 +325,7 @@ class DataFreeDistillation(L.LightningModule):
         return meta["in_channels"], meta["image_size"], meta["image_size"]
 
     def _student_batch(self, n: int) -> torch.Tensor:
+        self._build_pools()
         procedural = round(n * self.hparams.procedural_fraction)
         images = self._synthetic_batch(n - procedural)
         if procedural and self.procedural_pool is not None:

@@ -144,6 +144,24 @@ def test_synthetic_inverted_draws_every_student_image_from_the_pool_and_validate
     assert torch.equal(model.preview_images(8), held_out[:8])
 
 
+@pytest.mark.parametrize("synthetic,fraction", [("inverted", 0.0), ("gaussian", 0.25)])
+def test_pool_is_built_on_first_use_when_the_epoch_start_hook_was_skipped(digits_teacher, synthetic, fraction):
+    # A run resumed from a mid-epoch checkpoint gets no `on_train_epoch_start` from Lightning:
+    # the student's first batch must still come from an inverted pool (not plain shapes, no error).
+    torch.manual_seed(0)
+    model = DataFreeDistillation(teacher=str(digits_teacher[0]), schedule="alternating", synthetic=synthetic,
+                                 procedural_fraction=fraction, procedural_inversion_steps=3, procedural_pool_size=40,
+                                 **FAST)
+    assert model.procedural_pool is None
+    batch = model._student_batch(32)
+    pool = model.procedural_pool
+    assert pool is not None and pool.shape == (40, *model._image_shape())
+    from_pool = batch[32 - round(32 * fraction):] if fraction else batch
+    assert all((pool == image).flatten(1).all(1).any() for image in from_pool)
+    model._student_batch(8)
+    assert model.procedural_pool is pool  # built once
+
+
 def test_synthetic_inverted_settings_are_checked(digits_teacher):
     teacher = str(digits_teacher[0])
     for bad in ({"procedural_inversion_steps": 0}, {"procedural_inversion_steps": 3, "procedural_fraction": 0.25}):
