@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
+from tqdm.auto import tqdm
 
 from dafl.distributed import gather_with_grad
 from dafl.datasets import missing_input_metadata
@@ -306,11 +307,18 @@ class DataFreeDistillation(L.LightningModule):
         with fixed if seed is not None else contextlib.nullcontext(), torch.inference_mode(False):
             if seed is not None:
                 torch.manual_seed(seed)
-            for first in range(0, count, 1024):
-                n = min(1024, count - first)
-                chunks.append(invert_toward_classes(self.procedural.pixels(n), self.teacher, self.procedural.adapter,
-                                                    self.teacher_meta["num_classes"], hp.procedural_inversion_steps,
-                                                    bn_stats=bn_stats if bn_stats.layers else None))
+            # a bar for the main pool when Lightning shows one (minutes for the default's 32,768)
+            trainer = self._trainer
+            show = seed is None and trainer is not None and trainer.progress_bar_callback is not None \
+                and trainer.is_global_zero
+            with tqdm(total=count, desc="inverting shapes through the teacher", unit="img", leave=False,
+                      disable=not show) as bar:
+                for first in range(0, count, 1024):
+                    n = min(1024, count - first)
+                    chunks.append(invert_toward_classes(self.procedural.pixels(n), self.teacher, self.procedural.adapter,
+                                                        self.teacher_meta["num_classes"], hp.procedural_inversion_steps,
+                                                        bn_stats=bn_stats if bn_stats.layers else None))
+                    bar.update(n)
         bn_stats.remove()
         return torch.cat(chunks)
 
