@@ -344,9 +344,7 @@ class DataFreeDistillation(L.LightningModule):
         return images
 
     def _synthetic_batch(self, n: int) -> torch.Tensor:
-        if self.hparams.synthetic == "inverted":
-            if self.procedural_pool is None:
-                raise RuntimeError("the inverted pool is built at the start of the first training epoch")
+        if self.hparams.synthetic == "inverted":  # the pool exists: `_student_batch` built it
             return self.procedural_pool[torch.randint(len(self.procedural_pool), (n,), device=self.procedural_pool.device)]
         if self.hparams.synthetic == "gaussian":
             return torch.randn(n, *self._image_shape(), device=self.device)
