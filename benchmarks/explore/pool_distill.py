@@ -289,11 +289,15 @@ if a.branches:
 acc, per_class = accuracy(S)
 print("per-class student", per_class)
 with torch.no_grad():
-    xs = pool[:2048]; y = T(xs).argmax(1)
-    robust = {"conf": T(xs).softmax(1).max(1).values.mean().item(),
-              "shift1": (T(shift(xs, 1, 0)).argmax(1) == y).float().mean().item(),
-              "shift21": (T(shift(xs, 2, 1)).argmax(1) == y).float().mean().item(),
-              "blur": (T(F.avg_pool2d(xs, 3, 1, 1)).argmax(1) == y).float().mean().item()}
+    def label_robustness(xs):
+        """How often the teacher keeps its label under a 1-px / (2, 1)-px shift and a 3x3 blur."""
+        y = T(xs).argmax(1)
+        return {"conf": T(xs).softmax(1).max(1).values.mean().item(),
+                "shift1": (T(shift(xs, 1, 0)).argmax(1) == y).float().mean().item(),
+                "shift21": (T(shift(xs, 2, 1)).argmax(1) == y).float().mean().item(),
+                "blur": (T(F.avg_pool2d(xs, 3, 1, 1)).argmax(1) == y).float().mean().item()}
+    robust = label_robustness(pool[:2048])
+    print("real test images' label robustness (reference)", {k: round(v, 3) for k, v in label_robustness(test_x[:2048]).items()})
     if a.probes:
         probes = torch.load(a.probes)
         robust["heldout_inverted_agree"] = (S(probes["inverted"]).argmax(1) == T(probes["inverted"]).argmax(1)).float().mean().item()
