@@ -64,6 +64,8 @@ p.add_argument("--targets", default="teacher")       # teacher: the teacher labe
 p.add_argument("--tta", type=int, default=0)         # soft labels averaged over the teacher's views shifted by up to this many px (and flipped, with --tta_flip)
 p.add_argument("--tta_flip", type=int, default=0)
 p.add_argument("--feat", type=float, default=0.0)    # FitNets on the pool: + feat x relative MSE between a linear map of the student's conv features and the teacher's
+p.add_argument("--cons", type=float, default=0.0)    # student self-consistency: + cons x soft CE between the student's own (detached) answer on a batch and on its shifted copy
+p.add_argument("--cons_shift", type=int, default=1)  # per-image shift (px) of that copy; no teacher label is asked for it
 p.add_argument("--probes", default="")               # optional held-out probe images (probe.py) for the agreement line
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--threads", type=int, default=1)
@@ -225,7 +227,17 @@ proj = torch.nn.Linear(S.feature_dim, T.feature_dim) if a.feat else None
 opt = torch.optim.SGD(list(S.parameters()) + (list(proj.parameters()) if proj else []), lr=a.lr, momentum=0.9, weight_decay=a.wd)
 
 
+def consistency(logits, x):
+    """The student's answer on a shifted copy pulled toward its own (detached) answer on x:
+    shift invariance that real images have, without the teacher's fragile labels of shifted inversions."""
+    shifted = S(shift_flip_per_image(x, a.cons_shift, 0))
+    return -(F.softmax(logits.detach(), 1) * F.log_softmax(shifted, 1)).sum(1).mean()
+
+
 def student_loss(x, target):
+    if a.cons:
+        logits = S(x)
+        return soft_ce(logits, target) + a.cons * consistency(logits, x)
     if not a.feat:
         return soft_ce(S(x), target)
     logits, sf = S(x, return_features=True)
