@@ -76,7 +76,7 @@ def mode_seeking_loss(latents: torch.Tensor, images: torch.Tensor, eps: float = 
     return (latent_gap / (image_gap + eps)).mean()
 
 
-def batchnorm_statistics_loss(batch_stats: list[tuple[torch.Tensor, torch.Tensor, nn.BatchNorm2d]]) -> torch.Tensor:
+def batchnorm_statistics_loss(batch_stats: list[tuple[torch.Tensor, torch.Tensor, nn.modules.batchnorm._BatchNorm]]) -> torch.Tensor:
     """DeepInversion: distance between the batch's per-channel mean / variance at each
     BatchNorm input and that layer's running statistics (the training data's), summed over
     layers of ||mu - running_mean||_2 + ||var - running_var||_2."""
@@ -87,21 +87,24 @@ def batchnorm_statistics_loss(batch_stats: list[tuple[torch.Tensor, torch.Tensor
 
 
 class BatchNormStatistics:
-    """Forward hooks on every BatchNorm2d of a (frozen) network that record the batch mean
-    and variance of the layer's input, for `batchnorm_statistics_loss`. Records only while
-    `recording` is set, so other forward passes of the network cost nothing."""
+    """Forward hooks on every BatchNorm (1d, 2d or 3d) of a (frozen) network that record the
+    batch mean and variance of the layer's input per channel (dimension 1), for
+    `batchnorm_statistics_loss`. Records only while `recording` is set, so other forward
+    passes of the network cost nothing."""
 
     def __init__(self, network: nn.Module):
         self.recording = False
-        self.records: list[tuple[torch.Tensor, torch.Tensor, nn.BatchNorm2d]] = []
-        self.layers = [m for m in network.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+        self.records: list[tuple[torch.Tensor, torch.Tensor, nn.modules.batchnorm._BatchNorm]] = []
+        self.layers = [m for m in network.modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
 
     def _hook(self, module, inputs, output):
         if not self.recording:
             return
         x = inputs[0].float()
-        self.records.append((x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False), module))
+        dims = [d for d in range(x.dim()) if d != 1]  # (N, C) for BatchNorm1d, (N, C, H, W) for 2d
+        self.records.append((x.mean(dim=dims), x.var(dim=dims, unbiased=False), module))
 
     def pop(self) -> list[tuple[torch.Tensor, torch.Tensor, nn.BatchNorm2d]]:
         records, self.records = self.records, []

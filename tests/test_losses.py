@@ -84,6 +84,21 @@ def test_batchnorm_statistics_loss_by_hand():
     assert loss.item() == pytest.approx(1.0 + math.sqrt(17.0), rel=1e-6)
 
 
+def test_batchnorm_statistics_of_a_batchnorm1d_by_hand():
+    # a BatchNorm1d on (N, C) features, as after a fully connected layer
+    bn = nn.BatchNorm1d(2).eval()
+    bn.running_var.copy_(torch.tensor([1.0, 9.0]))
+    hooks = BatchNormStatistics(nn.Sequential(nn.Linear(3, 2), bn))
+    assert hooks.layers == [bn]
+    hooks.recording = True
+    bn(torch.tensor([[1.0, 2.0], [3.0, 2.0]]))  # channel 0: mean 2 var 1; channel 1: mean 2 var 0
+    (mean, var, layer), = hooks.pop()
+    assert torch.equal(mean, torch.tensor([2.0, 2.0])) and torch.equal(var, torch.tensor([1.0, 0.0])) and layer is bn
+    # ||(2, 2) - 0|| + ||(1, 0) - (1, 9)||
+    assert batchnorm_statistics_loss([(mean, var, layer)]).item() == pytest.approx(math.sqrt(8.0) + 9.0, rel=1e-6)
+    hooks.remove()
+
+
 def test_batchnorm_statistics_records_only_while_recording():
     hooks = BatchNormStatistics(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)))
     net = nn.Sequential(*[m for m in hooks.layers])

@@ -18,6 +18,7 @@ from dafl.datasets import load_split, InputAdapter
 from dafl.procedural import dead_leaves
 from dafl.losses import BatchNormStatistics, batchnorm_statistics_loss, kd_loss
 from lightning_modules.student import mixup, cutmix
+import bn_head  # noqa: F401  registers lenet5_bn_head (tenth round), for --teacher files of that architecture
 
 p = argparse.ArgumentParser()
 p.add_argument("--teacher", default="checkpoints/fashion_mnist_lenet5_bn.safetensors")
@@ -28,6 +29,7 @@ p.add_argument("--inv_lr", type=float, default=0.02)
 p.add_argument("--shapes", type=int, default=3)
 p.add_argument("--scale", type=float, default=1.5)
 p.add_argument("--bn", type=float, default=1.0)
+p.add_argument("--bn_conv_only", type=int, default=0)  # 1: BatchNorm statistics of the conv layers only (a head BatchNorm1d is left out)
 p.add_argument("--tv", type=float, default=0.0)         # total-variation prior on the pixels
 p.add_argument("--l1", type=float, default=0.0)         # L1 prior on the [0, 1] pixels: black backgrounds, like real inputs
 p.add_argument("--jitter", type=int, default=0)         # random shift (px) of each inversion step's batch
@@ -81,6 +83,10 @@ n_cls, size = meta["num_classes"], meta["native_size"]
 test = load_split(meta.get("dataset") or "fashion-mnist", "test")
 test_x, test_y = adapter(test.images), test.labels
 hooks = BatchNormStatistics(T) if a.bn and BatchNormStatistics(T).layers else None
+if hooks and a.bn_conv_only:  # match the convolutions' BatchNorm only, not a BatchNorm1d in the head
+    for layer, handle in zip(list(hooks.layers), list(hooks.handles)):
+        if isinstance(layer, torch.nn.BatchNorm1d):
+            handle.remove(); hooks.layers.remove(layer); hooks.handles.remove(handle)
 
 
 def accuracy(net):
