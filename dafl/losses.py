@@ -106,7 +106,7 @@ class BatchNormStatistics:
         dims = [d for d in range(x.dim()) if d != 1]  # (N, C) for BatchNorm1d, (N, C, H, W) for 2d
         self.records.append((x.mean(dim=dims), x.var(dim=dims, unbiased=False), module))
 
-    def pop(self) -> list[tuple[torch.Tensor, torch.Tensor, nn.BatchNorm2d]]:
+    def pop(self) -> list[tuple[torch.Tensor, torch.Tensor, nn.modules.batchnorm._BatchNorm]]:
         records, self.records = self.records, []
         return records
 
