@@ -41,6 +41,7 @@ p.add_argument("--init", default="shapes")              # shapes | noise | black
 p.add_argument("--soft", type=float, default=0.0)       # share of each chunk inverted toward a soft target: lam x its class + (1 - lam) x a similar class
 p.add_argument("--soft_min", type=float, default=0.4)   # lam ~ U(soft_min, 1)
 p.add_argument("--vary", type=int, default=0)           # shapes per image uniform in 1..2*shapes-1, scale uniform in [0.7, 1.3] x scale
+p.add_argument("--inv_conf", type=float, default=0.0)  # per image, drop the cross-entropy once the teacher gives its target class this probability (BN statistics still apply)
 p.add_argument("--rounds", type=int, default=1)
 p.add_argument("--adi", type=float, default=0.0)        # later rounds: also maximise JS(student, teacher)
 p.add_argument("--steps", type=int, default=4000)       # student steps in all
@@ -69,6 +70,9 @@ p.add_argument("--feat", type=float, default=0.0)    # FitNets on the pool: + fe
 p.add_argument("--cons", type=float, default=0.0)    # student self-consistency: + cons x soft CE between the student's own (detached) answer on a batch and on its shifted copy
 p.add_argument("--cons_shift", type=int, default=1)  # per-image shift (px) of that copy; no teacher label is asked for it
 p.add_argument("--probes", default="")               # optional held-out probe images (probe.py) for the agreement line
+p.add_argument("--s_arch", default="lenet5_half")     # lenet5_half_bn: BatchNorm after each conv while training (foldable into lenet5_half's convs)
+p.add_argument("--opt", default="sgd")               # sgd | nesterov | adamw (adamw: --lr is Adam's lr)
+p.add_argument("--mutual", type=float, default=0.0)  # deep mutual learning: a second student, each also pulled (this weight) toward the other's answer
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--eval_every", type=int, default=1000)
@@ -215,7 +219,12 @@ def invert(n, student=None):
             if hooks: hooks.recording = True
             tl = T(x)
             if hooks: hooks.recording = False
-            loss = loss + F.cross_entropy(tl, targets) / a.eot
+            if a.inv_conf:  # images the teacher already finds this confident stop moving toward their class
+                ce = -(targets * F.log_softmax(tl, 1)).sum(1)
+                ce = (ce * ((F.softmax(tl, 1) * targets).sum(1) < a.inv_conf).float().detach()).mean()
+            else:
+                ce = F.cross_entropy(tl, targets)
+            loss = loss + ce / a.eot
             if hooks: loss = loss + a.bn * batchnorm_statistics_loss(hooks.pop()) / a.eot
             if student is not None and a.adi:
                 loss = loss + a.adi * (1 - js_divergence(tl, student(x))) / a.eot
@@ -228,9 +237,14 @@ def invert(n, student=None):
     return adapter(pixels.detach())
 
 
-S = build_model("lenet5_half", in_channels=1, num_classes=n_cls, image_size=meta["image_size"])
+S = build_model(a.s_arch, in_channels=1, num_classes=n_cls, image_size=meta["image_size"])
 proj = torch.nn.Linear(S.feature_dim, T.feature_dim) if a.feat else None
-opt = torch.optim.SGD(list(S.parameters()) + (list(proj.parameters()) if proj else []), lr=a.lr, momentum=0.9, weight_decay=a.wd)
+S2 = build_model(a.s_arch, in_channels=1, num_classes=n_cls, image_size=meta["image_size"]) if a.mutual else None
+params = list(S.parameters()) + (list(proj.parameters()) if proj else []) + (list(S2.parameters()) if S2 else [])
+if a.opt == "adamw":
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.wd)
+else:
+    opt = torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=a.wd, nesterov=a.opt == "nesterov")
 
 
 def consistency(logits, x):
@@ -241,6 +255,10 @@ def consistency(logits, x):
 
 
 def student_loss(x, target):
+    if a.mutual:  # both students learn from the teacher and from each other's (detached) answer
+        l1, l2 = S(x), S2(x)
+        peer = lambda own, other: -(F.softmax(other.detach(), 1) * F.log_softmax(own, 1)).sum(1).mean()
+        return soft_ce(l1, target) + soft_ce(l2, target) + a.mutual * (peer(l1, l2) + peer(l2, l1))
     if a.cons:
         logits = S(x)
         return soft_ce(logits, target) + a.cons * consistency(logits, x)
