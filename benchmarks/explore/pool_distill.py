@@ -71,7 +71,6 @@ p.add_argument("--cons", type=float, default=0.0)    # student self-consistency:
 p.add_argument("--cons_shift", type=int, default=1)  # per-image shift (px) of that copy; no teacher label is asked for it
 p.add_argument("--probes", default="")               # optional held-out probe images (probe.py) for the agreement line
 p.add_argument("--s_arch", default="lenet5_half")     # lenet5_half_bn: BatchNorm after each conv while training (foldable into lenet5_half's convs)
-p.add_argument("--opt", default="sgd")               # sgd | nesterov | adamw (adamw: --lr is Adam's lr)
 p.add_argument("--mutual", type=float, default=0.0)  # deep mutual learning: a second student, each also pulled (this weight) toward the other's answer
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--threads", type=int, default=1)
@@ -241,10 +240,7 @@ S = build_model(a.s_arch, in_channels=1, num_classes=n_cls, image_size=meta["ima
 proj = torch.nn.Linear(S.feature_dim, T.feature_dim) if a.feat else None
 S2 = build_model(a.s_arch, in_channels=1, num_classes=n_cls, image_size=meta["image_size"]) if a.mutual else None
 params = list(S.parameters()) + (list(proj.parameters()) if proj else []) + (list(S2.parameters()) if S2 else [])
-if a.opt == "adamw":
-    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.wd)
-else:
-    opt = torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=a.wd, nesterov=a.opt == "nesterov")
+opt = torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=a.wd)
 
 
 def consistency(logits, x):
