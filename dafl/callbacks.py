@@ -104,5 +104,6 @@ class IntervalCheckpoint(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if batch_idx >= trainer.num_training_batches - 1 or time.monotonic() - self._last < self.seconds:
             return
-        trainer.save_checkpoint(self.path)
+        # A full checkpoint (optimizer and loop state too): this file is what a resume starts from.
+        trainer.save_checkpoint(self.path, weights_only=False)
         self._last = time.monotonic()

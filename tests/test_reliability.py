@@ -48,6 +48,20 @@ def test_sigkill_mid_epoch_then_resume_finishes(digits_teacher, tmp_path):
     assert final["epoch"] == 5 and final["global_step"] > killed_at[1], (killed_at, final["epoch"])
 
 
+def test_interval_checkpoint_is_a_full_checkpoint_saved_without_lightnings_default_notice(digits_teacher, tmp_path,
+                                                                                          caplog):
+    from dafl.callbacks import IntervalCheckpoint
+    model = DataFreeDistillation(teacher=str(digits_teacher[0]), schedule="alternating", student_steps=2,
+                                 replay_size=256, latent_dim=16, generator_width=16, batch_size=32, val_size=32)
+    path = tmp_path / "last.ckpt"
+    trainer = quiet_trainer(max_epochs=1, num_sanity_val_steps=0, callbacks=[IntervalCheckpoint(str(path), minutes=0)])
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
+        trainer.fit(model, datamodule=DataFreeDataModule(None, iterations_per_epoch=3))
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["global_step"] > 0 and ckpt["optimizer_states"]  # a resume needs the optimizers too
+    assert not [r for r in caplog.records if "weights_only" in r.getMessage()]
+
+
 def _train_briefly(teacher, seed):
     L.seed_everything(seed, verbose=False)
     model = DataFreeDistillation(teacher=str(teacher), schedule="alternating", student_steps=2, replay_size=256,
