@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import quiet_trainer
+from dafl.callbacks import IntervalCheckpoint
 from dafl.data import DataFreeDataModule
 from dafl.losses import information_entropy_loss
 from lightning_modules.data_free import DataFreeDistillation
@@ -50,7 +51,6 @@ def test_sigkill_mid_epoch_then_resume_finishes(digits_teacher, tmp_path):
 
 def test_interval_checkpoint_is_a_full_checkpoint_saved_without_lightnings_default_notice(digits_teacher, tmp_path,
                                                                                           caplog):
-    from dafl.callbacks import IntervalCheckpoint
     model = DataFreeDistillation(teacher=str(digits_teacher[0]), schedule="alternating", student_steps=2,
                                  replay_size=256, latent_dim=16, generator_width=16, batch_size=32, val_size=32)
     path = tmp_path / "last.ckpt"
