@@ -70,6 +70,7 @@ class DataFreeDistillation(L.LightningModule):
         procedural_scale: float = 1.5,
         procedural_inversion_steps: int = 0,
         procedural_pool_size: int = 4096,
+        procedural_inversion_batch: int = 1024,
         generator_optimizer: Optional[OptimizerCallable] = None,
         student_optimizer: Optional[OptimizerCallable] = None,
         student_lr_schedule: Literal["constant", "cosine", "multistep"] = "constant",
@@ -126,6 +127,10 @@ class DataFreeDistillation(L.LightningModule):
                 until the teacher sees it as an assigned class (balanced) with real-data
                 BatchNorm statistics (`dafl.procedural.invert_toward_classes`); built once, in
                 the first epoch (again on resume). 0: fresh plain shapes for every batch.
+            procedural_inversion_batch: shapes inverted together, i.e. the batch whose
+                statistics must match the teacher's BatchNorm statistics (classes balanced
+                within it). It changes the images, not only the speed: research round 12
+                measured 512 against 256 / 1,024 / 2,048 (benchmarks/explore/README.md).
             student_lr_warmup: iterations over which the student's learning rate rises
                 linearly from lr/warmup to lr (multiplies the schedule). The first generator
                 images are noise; a full learning rate on them can kill the student's ReLUs
@@ -208,8 +213,9 @@ class DataFreeDistillation(L.LightningModule):
             raise ConfigError(f"cutmix_prob must be in [0, 1], got {hp.cutmix_prob}")
         if not 0 <= hp.procedural_fraction < 1:
             raise ConfigError(f"procedural_fraction must be in [0, 1), got {hp.procedural_fraction}")
-        if hp.procedural_shapes <= 0 or hp.procedural_scale <= 0 or hp.procedural_pool_size <= 0:
-            raise ConfigError("procedural_shapes, procedural_scale and procedural_pool_size must be positive")
+        if min(hp.procedural_shapes, hp.procedural_scale, hp.procedural_pool_size, hp.procedural_inversion_batch) <= 0:
+            raise ConfigError("procedural_shapes, procedural_scale, procedural_pool_size and procedural_inversion_batch "
+                              "must be positive")
         if hp.procedural_inversion_steps < 0:
             raise ConfigError(f"procedural_inversion_steps must be >= 0, got {hp.procedural_inversion_steps}")
         if hp.synthetic == "inverted" and (not hp.procedural_inversion_steps or hp.procedural_fraction):
@@ -296,8 +302,9 @@ class DataFreeDistillation(L.LightningModule):
                            f"({hp.procedural_inversion_steps} steps each) in {time.perf_counter() - start:.0f} s")
 
     def _invert_shapes(self, count: int, seed: Optional[int] = None) -> torch.Tensor:
-        """`count` dead-leaves shapes inverted through the teacher, in chunks of 1,024 (each
-        chunk one BatchNorm-statistics batch, classes balanced within it). With `seed`, the
+        """`count` dead-leaves shapes inverted through the teacher, in chunks of
+        `procedural_inversion_batch` (each chunk one BatchNorm-statistics batch, classes
+        balanced within it). With `seed`, the
         same images every time (the validation pool), whatever the global random state."""
         hp = self.hparams
         bn_stats = BatchNormStatistics(self.teacher)
@@ -313,8 +320,9 @@ class DataFreeDistillation(L.LightningModule):
                 and trainer.is_global_zero
             with tqdm(total=count, desc="inverting shapes through the teacher", unit="img", leave=False,
                       disable=not show) as bar:
-                for first in range(0, count, 1024):
-                    n = min(1024, count - first)
+                chunk = hp.procedural_inversion_batch
+                for first in range(0, count, chunk):
+                    n = min(chunk, count - first)
                     chunks.append(invert_toward_classes(self.procedural.pixels(n), self.teacher, self.procedural.adapter,
                                                         self.teacher_meta["num_classes"], hp.procedural_inversion_steps,
                                                         bn_stats=bn_stats if bn_stats.layers else None))

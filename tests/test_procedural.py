@@ -72,7 +72,7 @@ def test_procedural_settings_are_checked(digits_teacher, tmp_path):
 
     teacher = str(digits_teacher[0])
     for bad in ({"procedural_fraction": 1.0}, {"procedural_fraction": -0.1}, {"procedural_shapes": 0},
-                {"procedural_scale": 0.0}, {"procedural_pool_size": 0},
+                {"procedural_scale": 0.0}, {"procedural_pool_size": 0}, {"procedural_inversion_batch": 0},
                 {"procedural_inversion_steps": -1}, {"procedural_inversion_steps": 5}):
         with pytest.raises(ConfigError, match="procedural"):
             DataFreeDistillation(teacher=teacher, schedule="alternating", **bad, **FAST)
@@ -142,6 +142,23 @@ def test_synthetic_inverted_draws_every_student_image_from_the_pool_and_validate
     again = model._invert_shapes(64, seed=1234)
     torch.testing.assert_close(again, held_out)
     assert torch.equal(model.preview_images(8), held_out[:8])
+
+
+def test_pool_is_inverted_in_batches_of_procedural_inversion_batch(digits_teacher, monkeypatch):
+    # each call is one BatchNorm-statistics batch: the setting decides which images share statistics
+    import lightning_modules.data_free as data_free
+    sizes = []
+
+    def recording(pixels, *args, **kwargs):
+        sizes.append(len(pixels))
+        return invert_toward_classes(pixels, *args, **kwargs)
+
+    monkeypatch.setattr(data_free, "invert_toward_classes", recording)
+    model = DataFreeDistillation(teacher=str(digits_teacher[0]), schedule="alternating", synthetic="inverted",
+                                 procedural_inversion_steps=1, procedural_pool_size=50,
+                                 procedural_inversion_batch=16, **FAST)
+    pool = model._invert_shapes(50)
+    assert sizes == [16, 16, 16, 2] and len(pool) == 50
 
 
 @pytest.mark.parametrize("synthetic,fraction", [("inverted", 0.0), ("gaussian", 0.25)])

@@ -72,6 +72,10 @@ p.add_argument("--cons_shift", type=int, default=1)  # per-image shift (px) of t
 p.add_argument("--probes", default="")               # optional held-out probe images (probe.py) for the agreement line
 p.add_argument("--s_arch", default="lenet5_half")     # lenet5_half_bn: BatchNorm after each conv while training (foldable into lenet5_half's convs)
 p.add_argument("--mutual", type=float, default=0.0)  # deep mutual learning: a second student, each also pulled (this weight) toward the other's answer
+p.add_argument("--raw", type=float, default=0.0)      # share of each student batch replaced by fresh, un-inverted dead-leaves shapes (before mixing)
+p.add_argument("--snap", default="")                 # inversion steps whose intermediate images also join the pool, e.g. "10,20": the path from shape to class image
+p.add_argument("--texture", type=float, default=0.0) # each shape filled with a random sinusoidal grating of this amplitude instead of one flat grey
+p.add_argument("--opt", default="sgd")               # sgd | adamw (lr --lr, weight decay --wd)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--eval_every", type=int, default=1000)
@@ -154,6 +158,8 @@ def student_batch():
     """One student batch and its loss target: (images, teacher logits) or, with soft labels, (images, probabilities)."""
     idx = torch.randint(0, len(pool), (a.bs,))
     x = shift_flip_per_image(pool[idx], a.s_shift, a.s_flip)
+    if a.raw:  # fresh shapes, never inverted: the teacher's answer on plain silhouettes
+        k = int(round(a.raw * a.bs)); x = x.clone(); x[:k] = adapter(dead_leaves(k, size, 1, a.shapes, a.scale))
     if a.targets == "fixed":
         return mix_with_targets(x, pool_targets[idx])
     x = cutmix(x) if a.cutmix and torch.rand(()) < a.cutmix else mixup(x, a.mixup)
@@ -182,7 +188,25 @@ def soft_targets(n):
     return targets
 
 
+def textured_leaves(n):
+    """dead_leaves with each shape filled by grey + a random grating (frequency 2-8 cycles per frame, any direction)."""
+    coords = torch.linspace(-1, 1, size); rows, cols = coords.view(1, -1, 1), coords.view(1, 1, -1)
+    images = torch.zeros(n, 1, size, size)
+    for _ in range(a.shapes):
+        cx, cy = torch.randn(2, n, 1, 1) * 0.35
+        hx, hy = (0.1 + 0.6 * torch.rand(2, n, 1, 1)) * a.scale
+        ang = torch.rand(n, 1, 1) * math.pi
+        u = (cols - cx) * ang.cos() + (rows - cy) * ang.sin(); v = (rows - cy) * ang.cos() - (cols - cx) * ang.sin()
+        inside = torch.where(torch.rand(n, 1, 1) < 0.5, (u / hx) ** 2 + (v / hy) ** 2 < 1, (u.abs() < hx) & (v.abs() < hy))
+        freq, theta, phase = math.pi * (2 + 6 * torch.rand(n, 1, 1)), torch.rand(n, 1, 1) * math.pi, torch.rand(n, 1, 1) * 2 * math.pi
+        fill = torch.rand(n, 1, 1) + a.texture * torch.rand(n, 1, 1) * torch.sin(freq * (cols * theta.cos() + rows * theta.sin()) + phase)
+        images = torch.where(inside.unsqueeze(1), fill.clamp(0, 1).unsqueeze(1), images)
+    return F.avg_pool2d(images, 3, stride=1, padding=1)
+
+
 def initial_pixels(n):
+    if a.texture:
+        return textured_leaves(n)
     if not a.vary:
         return dead_leaves(n, size, 1, a.shapes, a.scale)
     out = torch.empty(n, 1, size, size)
@@ -202,7 +226,9 @@ def invert(n, student=None):
     pixels.requires_grad_()
     targets = soft_targets(n)
     opt = torch.optim.Adam([pixels], lr=a.inv_lr)
-    for _ in range(a.inv_steps):
+    snap_at, snaps = {int(k) for k in a.snap.split(",") if k}, []
+    for k in range(a.inv_steps):
+        if k in snap_at: snaps.append(adapter(pixels.detach().clone()))
         loss = 0.0
         for _view in range(a.eot):
             x = adapter(pixels)
@@ -233,14 +259,15 @@ def invert(n, student=None):
             loss = loss + a.l1 * pixels.mean()
         opt.zero_grad(); loss.backward(); opt.step()
         with torch.no_grad(): pixels.clamp_(0, 1)
-    return adapter(pixels.detach())
+    return torch.cat(snaps + [adapter(pixels.detach())])
 
 
 S = build_model(a.s_arch, in_channels=1, num_classes=n_cls, image_size=meta["image_size"])
 proj = torch.nn.Linear(S.feature_dim, T.feature_dim) if a.feat else None
 S2 = build_model(a.s_arch, in_channels=1, num_classes=n_cls, image_size=meta["image_size"]) if a.mutual else None
 params = list(S.parameters()) + (list(proj.parameters()) if proj else []) + (list(S2.parameters()) if S2 else [])
-opt = torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=a.wd)
+opt = (torch.optim.AdamW(params, lr=a.lr, weight_decay=a.wd) if a.opt == "adamw"
+       else torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=a.wd))
 
 
 def consistency(logits, x):
