@@ -304,8 +304,8 @@ class DataFreeDistillation(L.LightningModule):
     def _invert_shapes(self, count: int, seed: Optional[int] = None) -> torch.Tensor:
         """`count` dead-leaves shapes inverted through the teacher, in chunks of
         `procedural_inversion_batch` (each chunk one BatchNorm-statistics batch, classes
-        balanced within it). With `seed`, the
-        same images every time (the validation pool), whatever the global random state."""
+        balanced within it). With `seed`, the same images every time (the validation pool),
+        whatever the global random state."""
         hp = self.hparams
         bn_stats = BatchNormStatistics(self.teacher)
         chunks = []
