@@ -75,7 +75,6 @@ p.add_argument("--mutual", type=float, default=0.0)  # deep mutual learning: a s
 p.add_argument("--raw", type=float, default=0.0)      # share of each student batch replaced by fresh, un-inverted dead-leaves shapes (before mixing)
 p.add_argument("--snap", default="")                 # inversion steps whose intermediate images also join the pool, e.g. "10,20": the path from shape to class image
 p.add_argument("--texture", type=float, default=0.0) # each shape filled with a random sinusoidal grating of this amplitude instead of one flat grey
-p.add_argument("--opt", default="sgd")               # sgd | adamw (lr --lr, weight decay --wd)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--eval_every", type=int, default=1000)
@@ -266,8 +265,7 @@ S = build_model(a.s_arch, in_channels=1, num_classes=n_cls, image_size=meta["ima
 proj = torch.nn.Linear(S.feature_dim, T.feature_dim) if a.feat else None
 S2 = build_model(a.s_arch, in_channels=1, num_classes=n_cls, image_size=meta["image_size"]) if a.mutual else None
 params = list(S.parameters()) + (list(proj.parameters()) if proj else []) + (list(S2.parameters()) if S2 else [])
-opt = (torch.optim.AdamW(params, lr=a.lr, weight_decay=a.wd) if a.opt == "adamw"
-       else torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=a.wd))
+opt = torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=a.wd)
 
 
 def consistency(logits, x):
