@@ -129,8 +129,9 @@ class DataFreeDistillation(L.LightningModule):
                 the first epoch (again on resume). 0: fresh plain shapes for every batch.
             procedural_inversion_batch: shapes inverted together, i.e. the batch whose
                 statistics must match the teacher's BatchNorm statistics (classes balanced
-                within it). It changes the images, not only the speed: research round 12
-                measured 512 against 256 / 1,024 / 2,048 (benchmarks/explore/README.md).
+                within it). It changes the images, not only the speed. The default preset
+                uses 512: +0.23 over 1,024 on 4 seeds, within noise (benchmarks/accuracy.md;
+                the sizes tried in research round 12: benchmarks/explore/README.md).
             student_lr_warmup: iterations over which the student's learning rate rises
                 linearly from lr/warmup to lr (multiplies the schedule). The first generator
                 images are noise; a full learning rate on them can kill the student's ReLUs
