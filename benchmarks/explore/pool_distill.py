@@ -75,6 +75,10 @@ p.add_argument("--mutual", type=float, default=0.0)  # deep mutual learning: a s
 p.add_argument("--raw", type=float, default=0.0)      # share of each student batch replaced by fresh, un-inverted dead-leaves shapes (before mixing)
 p.add_argument("--snap", default="")                 # inversion steps whose intermediate images also join the pool, e.g. "10,20": the path from shape to class image
 p.add_argument("--texture", type=float, default=0.0) # each shape filled with a random sinusoidal grating of this amplitude instead of one flat grey
+p.add_argument("--pair_similar", type=float, default=0.0)  # share of each batch mixed with a pool image of a similar class (teacher's last-layer cosine) instead of a random one
+p.add_argument("--zkd", type=float, default=0.0)     # logit-standardised KD (Sun et al. 2024): both logits z-scored per image, divided by this temperature
+p.add_argument("--twin", type=int, default=0)      # 1: half of each chunk are copies of the other half's starting shapes, inverted toward a similar class: counterfactual pairs
+p.add_argument("--mix_off", type=float, default=0.0)  # the last this fraction of the steps without mixup / CutMix (timm's mixup_off_epoch)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--eval_every", type=int, default=1000)
@@ -131,6 +135,7 @@ def teacher_probs(x):
     views = [(dx, dy) for dx in range(-a.tta, a.tta + 1) for dy in range(-a.tta, a.tta + 1)]
     flips = [False, True] if a.tta_flip else [False]
     with torch.no_grad():
+        if a.zkd: return T(x)
         return sum(F.softmax(T(shift(x, dx, dy, max(a.tta, 1)).flip(3) if f else shift(x, dx, dy, max(a.tta, 1))) / a.T, 1)
                    for dx, dy in views for f in flips) / (len(views) * len(flips))
 
@@ -149,7 +154,31 @@ def mix_with_targets(x, t):
     return x, lam * t + (1 - lam) * t[perm]
 
 
+def mix_similar(x, idx):
+    """mixup / CutMix as the product's, but a share of the partners are pool images whose
+    (teacher-labelled) class is similar to the image's own: blends between confusable classes."""
+    partner = idx[torch.randperm(len(idx))]
+    k = int(round(a.pair_similar * len(idx)))
+    if k:
+        want = torch.multinomial(partner_probs[pool_cls[idx[:k]]], 1).squeeze(1)
+        partner[:k] = torch.stack([by_class[c][torch.randint(0, len(by_class[c]), ())] for c in want.tolist()])
+    y = pool[partner]
+    if a.cutmix and torch.rand(()) < a.cutmix:
+        h, w = x.shape[-2:]; side = math.sqrt(torch.rand(()).item()); bh, bw = round(h * side), round(w * side)
+        top, left = int(torch.randint(0, h - bh + 1, ())), int(torch.randint(0, w - bw + 1, ()))
+        x = x.clone(); x[..., top:top + bh, left:left + bw] = y[..., top:top + bh, left:left + bw]
+        return x
+    lam = torch.distributions.Beta(a.mixup, a.mixup).sample((len(x), 1, 1, 1))
+    return lam * x + (1 - lam) * y
+
+
+def zscore(l):
+    return (l - l.mean(1, keepdim=True)) / (l.std(1, keepdim=True) + 1e-6)
+
+
 def soft_ce(student_logits, target_probs):
+    if a.zkd:  # target_probs are the teacher's logits here (teacher_probs returns them with --zkd)
+        return -(F.softmax(zscore(target_probs) / a.zkd, 1) * F.log_softmax(zscore(student_logits) / a.zkd, 1)).sum(1).mean() * a.zkd ** 2
     return -(target_probs * F.log_softmax(student_logits / a.T, 1)).sum(1).mean() * a.T ** 2
 
 
@@ -161,6 +190,11 @@ def student_batch():
         k = int(round(a.raw * a.bs)); x = x.clone(); x[:k] = adapter(dead_leaves(k, size, 1, a.shapes, a.scale))
     if a.targets == "fixed":
         return mix_with_targets(x, pool_targets[idx])
+    if a.mix_off and step >= (1 - a.mix_off) * a.steps:
+        return x, teacher_probs(x)
+    if a.pair_similar:
+        x = mix_similar(x, idx)
+        return x, teacher_probs(x)
     x = cutmix(x) if a.cutmix and torch.rand(()) < a.cutmix else mixup(x, a.mixup)
     return x, teacher_probs(x)
 
@@ -222,8 +256,13 @@ def invert(n, student=None):
         pixels = torch.rand(n, 1, size, size) * 0.5
     else:
         pixels = torch.zeros(n, 1, size, size)
-    pixels.requires_grad_()
     targets = soft_targets(n)
+    if a.twin and n >= 2:  # second half: the first half's shapes, each pushed toward a class similar to its twin's
+        h = n // 2
+        pixels[n - h:] = pixels[:h]
+        twin_cls = torch.multinomial(partner_probs[targets[:h].argmax(1)], 1).squeeze(1)
+        targets[n - h:] = F.one_hot(twin_cls, n_cls).float()
+    pixels.requires_grad_()
     opt = torch.optim.Adam([pixels], lr=a.inv_lr)
     snap_at, snaps = {int(k) for k in a.snap.split(",") if k}, []
     for k in range(a.inv_steps):
@@ -306,6 +345,9 @@ for r in range(a.rounds):
         if a.student_seed >= 0: torch.manual_seed(a.student_seed); S.load_state_dict(build_model("lenet5_half", in_channels=1, num_classes=n_cls, image_size=meta["image_size"]).state_dict())
     else: pool = torch.cat([pool] + [invert(min(a.chunk, per_round - i), S if r else None) for i in range(0, per_round, a.chunk)])
     pool_targets = torch.cat([teacher_probs(c) for c in pool.split(1024)]) if a.targets == "fixed" else None
+    if a.pair_similar:
+        with torch.no_grad(): pool_cls = torch.cat([T(c).argmax(1) for c in pool.split(1024)])
+        by_class = [torch.nonzero(pool_cls == c).squeeze(1) for c in range(n_cls)]
     S.train(); t_inv += time.time() - t1
     for _ in range(a.steps * (r + 1) // a.rounds - step):
         if a.filter and step == int(a.filter_at * a.steps):
