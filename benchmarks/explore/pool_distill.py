@@ -140,17 +140,22 @@ def teacher_probs(x):
                    for dx, dy in views for f in flips) / (len(views) * len(flips))
 
 
-def mix_with_targets(x, t):
-    """CutMix (prob --cutmix) or mixup, returning the blended labels too (for --targets fixed)."""
-    perm = torch.randperm(len(x))
+def blend(x, y):
+    """CutMix (prob --cutmix) of y's box into x, or mixup, as the product's functions but with
+    explicit partners y; returns the blend and the share of x in it."""
     if a.cutmix and torch.rand(()) < a.cutmix:
         h, w = x.shape[-2:]; side = math.sqrt(torch.rand(()).item()); bh, bw = round(h * side), round(w * side)
         top, left = int(torch.randint(0, h - bh + 1, ())), int(torch.randint(0, w - bw + 1, ()))
-        x = x.clone(); x[..., top:top + bh, left:left + bw] = x[perm][..., top:top + bh, left:left + bw]
-        lam = torch.full((len(x), 1), 1 - bh * bw / (h * w))
-    else:
-        lam = torch.distributions.Beta(a.mixup, a.mixup).sample((len(x), 1))
-        x = lam.view(-1, 1, 1, 1) * x + (1 - lam.view(-1, 1, 1, 1)) * x[perm]
+        x = x.clone(); x[..., top:top + bh, left:left + bw] = y[..., top:top + bh, left:left + bw]
+        return x, torch.full((len(x), 1), 1 - bh * bw / (h * w))
+    lam = torch.distributions.Beta(a.mixup, a.mixup).sample((len(x), 1))
+    return lam.view(-1, 1, 1, 1) * x + (1 - lam.view(-1, 1, 1, 1)) * y, lam
+
+
+def mix_with_targets(x, t):
+    """Blend with random partners, returning the blended labels too (for --targets fixed)."""
+    perm = torch.randperm(len(x))
+    x, lam = blend(x, x[perm])
     return x, lam * t + (1 - lam) * t[perm]
 
 
@@ -162,14 +167,7 @@ def mix_similar(x, idx):
     if k:
         want = torch.multinomial(partner_probs[pool_cls[idx[:k]]], 1).squeeze(1)
         partner[:k] = torch.stack([by_class[c][torch.randint(0, len(by_class[c]), ())] for c in want.tolist()])
-    y = pool[partner]
-    if a.cutmix and torch.rand(()) < a.cutmix:
-        h, w = x.shape[-2:]; side = math.sqrt(torch.rand(()).item()); bh, bw = round(h * side), round(w * side)
-        top, left = int(torch.randint(0, h - bh + 1, ())), int(torch.randint(0, w - bw + 1, ()))
-        x = x.clone(); x[..., top:top + bh, left:left + bw] = y[..., top:top + bh, left:left + bw]
-        return x
-    lam = torch.distributions.Beta(a.mixup, a.mixup).sample((len(x), 1, 1, 1))
-    return lam * x + (1 - lam) * y
+    return blend(x, pool[partner])[0]
 
 
 def zscore(l):
