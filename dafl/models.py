@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from dafl.cpu_kernels import MaxPool2x2, SingleChannelConv2d
 from dafl.errors import ConfigError
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -52,8 +53,8 @@ class LeNet5(nn.Module):
             raise ConfigError(f"LeNet-5 needs images of at least 20x20 pixels, got {image_size}")
         norm = (lambda c: nn.BatchNorm2d(c)) if batch_norm else (lambda c: nn.Identity())
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 5), norm(c1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 5), norm(c2), nn.ReLU(), nn.MaxPool2d(2),
+            SingleChannelConv2d(in_channels, c1, 5), norm(c1), nn.ReLU(), MaxPool2x2(),
+            nn.Conv2d(c1, c2, 5), norm(c2), nn.ReLU(), MaxPool2x2(),
             nn.Conv2d(c2, c3, 5), norm(c3), nn.ReLU(),
         )
         spatial = ((image_size - 4) // 2 - 4) // 2 - 4  # 1 for the paper's 32x32 input
