@@ -1,15 +1,18 @@
 """Drop-in layers for two CPU kernels that are slow on LeNet-sized tensors.
 
-Measured on the project's 2-core machine (torch 2.14.1, batch 256, fp32; commands in
-benchmarks/README.md, "CPU kernels"): `F.max_pool2d(x, 2)` takes 4.3 ms on a 256x6x28x28
-tensor where two elementwise maxima over strided views take 0.4 ms, and the weight gradient
-of a convolution with one input channel (LeNet-5's first conv) takes 9 ms in oneDNN where
-the same sums written as one convolution over the batch take 3.5 ms. Together they were
-about a third of a data-free student step (teacher labelling + student forward/backward).
+On the project's 2-core machine (torch 2.14.1, batch 256, fp32), `F.max_pool2d(x, 2)` took
+about 4 ms on a 256x6x28x28 tensor where two elementwise maxima over reshaped views take
+0.4 ms, and the weight gradient of a convolution with one input channel (LeNet-5's first
+conv) about 9 ms in oneDNN where the same sums written as one convolution over the batch
+axis take 3.5 ms. With both, one student step of the default preset (teacher labels,
+student forward/backward, SGD) is 1.68x faster: `benchmarks/cpu_kernels.md`.
 
-Both layers are subclasses of the torch ones, have the same parameters and state_dict keys
-and compute the same values (up to float summation order); they use the torch kernel
-unchanged on accelerators, under export or compilation, and for shapes they do not cover.
+Both layers subclass the torch ones, have the same parameters and state_dict keys and
+compute the same values (the weight gradient up to float summation order). They use the
+stock kernel on accelerators, under tracing, export or compilation, and for shapes they do
+not cover; the max-pool also wherever a gradient is needed, because max_pool2d's backward
+(with its saved indices) is fast and an elementwise-max backward costs more than its forward
+saves.
 """
 from __future__ import annotations
 
@@ -38,11 +41,8 @@ class MaxPool2x2(nn.MaxPool2d):
         super().__init__(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _plain_path(x) or x.dim() != 4 or x.shape[-1] % 2 or x.shape[-2] % 2:
-            return super().forward(x)
-        if torch.is_grad_enabled() and x.requires_grad:
-            # max_pool2d's backward (with its saved indices) is fast; an elementwise-max
-            # backward costs more than the forward saves
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        if _plain_path(x) or needs_grad or x.dim() != 4 or x.shape[-1] % 2 or x.shape[-2] % 2:
             return super().forward(x)
         return _window_max(x.contiguous())
 
