@@ -1,7 +1,7 @@
 """Milliseconds per student step of the default preset's loop (a batch from the pool,
-mixup, the teacher's labels, the student's forward/backward and SGD step) with torch's
-stock LeNet layers against dafl.cpu_kernels' MaxPool2x2 / SingleChannelConv2d, which
-`dafl.models` uses. Both variants are timed in the same process, alternating, so a noisy
+mixup, the teacher's labels, the student's forward/backward and SGD step), and per step of
+the pool's inversion, with torch's stock LeNet layers against dafl.cpu_kernels' MaxPool2x2 /
+SingleChannelConv2d, which `dafl.models` uses. Both variants are timed in the same process, alternating, so a noisy
 machine slows both alike; the median over repetitions is reported.
 
     python benchmarks/cpu_kernels.py --threads 2 --out benchmarks/cpu_kernels.md
@@ -58,8 +58,15 @@ def kd_step_timer(teacher: nn.Module, student: nn.Module, batch: int):
     def student_forward_backward():
         student(pool[:batch]).logsumexp(1).mean().backward()
 
+    targets = torch.arange(512) % 10
+
+    def inversion_step():  # building the pool: gradients into 512 images through the teacher
+        images = pool[:512].clone().requires_grad_()
+        F.cross_entropy(teacher(images), targets).backward()
+
     return {"KD step (all of it)": kd_step, "teacher labels (no grad)": teacher_labels,
-            "student forward + backward": student_forward_backward}
+            "student forward + backward": student_forward_backward,
+            "inversion step (teacher forward + backward into 512 images)": inversion_step}
 
 
 def main():

@@ -5,7 +5,7 @@ about 4 ms on a 256x6x28x28 tensor where two elementwise maxima over reshaped vi
 0.4 ms, and the weight gradient of a convolution with one input channel (LeNet-5's first
 conv) about 9 ms in oneDNN where the same sums written as one convolution over the batch
 axis take 3.5 ms. With both, one student step of the default preset (teacher labels,
-student forward/backward, SGD) is 1.68x faster: `benchmarks/cpu_kernels.md`.
+student forward/backward, SGD) is 1.4-1.7x faster: `benchmarks/cpu_kernels.md`.
 
 Both layers subclass the torch ones, have the same parameters and state_dict keys and
 compute the same values (the weight gradient up to float summation order). They use the
