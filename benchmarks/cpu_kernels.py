@@ -1,8 +1,8 @@
 """Milliseconds per student step of the default preset's loop (a batch from the pool,
 mixup, the teacher's labels, the student's forward/backward and SGD step), and per step of
 the pool's inversion, with torch's stock LeNet layers against dafl.cpu_kernels' MaxPool2x2 /
-SingleChannelConv2d, which `dafl.models` uses. Both variants are timed in the same process, alternating, so a noisy
-machine slows both alike; the median over repetitions is reported.
+SingleChannelConv2d, which `dafl.models` uses. Both variants are timed in the same process,
+alternating, so a noisy machine slows both alike; the median over repetitions is reported.
 
     python benchmarks/cpu_kernels.py --threads 2 --out benchmarks/cpu_kernels.md
 """
@@ -21,6 +21,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dafl.cpu_kernels import MaxPool2x2, SingleChannelConv2d  # noqa: E402
+from dafl.losses import kd_loss  # noqa: E402
 from dafl.models import build_model  # noqa: E402
 
 
@@ -45,8 +46,8 @@ def kd_step_timer(teacher: nn.Module, student: nn.Module, batch: int):
         lam = torch.distributions.Beta(1.0, 1.0).sample((batch, 1, 1, 1))
         x = lam * x + (1 - lam) * x.flip(0)
         with torch.no_grad():
-            target = F.softmax(teacher(x), 1)
-        loss = -(target * F.log_softmax(student(x), 1)).sum(1).mean()
+            teacher_logits = teacher(x)
+        loss = kd_loss(student(x), teacher_logits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,10 +1,10 @@
 """Drop-in layers for two CPU kernels that are slow on LeNet-sized tensors.
 
-On the project's 2-core machine (torch 2.14.1, batch 256, fp32), `F.max_pool2d(x, 2)` took
-about 4 ms on a 256x6x28x28 tensor where two elementwise maxima over reshaped views take
-0.4 ms, and the weight gradient of a convolution with one input channel (LeNet-5's first
-conv) about 9 ms in oneDNN where the same sums written as one convolution over the batch
-axis take 3.5 ms. With both, one student step of the default preset (teacher labels,
+Profiling one student step of the default preset on the project's 2-core machine (torch
+2.14.1, batch 256, fp32) showed `F.max_pool2d(x, 2)` costing several times what two
+elementwise maxima over reshaped views cost, and oneDNN's weight gradient of a convolution
+with one input channel (LeNet-5's first conv) costing more than the same sums written as one
+convolution over the batch axis. With both replaced, one student step (teacher labels,
 student forward/backward, SGD) is 1.4-1.7x faster: `benchmarks/cpu_kernels.md`.
 
 Both layers subclass the torch ones, have the same parameters and state_dict keys and
