@@ -40,6 +40,41 @@ def test_every_shipped_config_parses(run_cli, config):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def _leaves(tree, prefix=""):
+    """{"model.init_args.batch_size": 256, ...}: a YAML config as flat dotted keys."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    return {k: v for key, value in tree.items()
+            for k, v in _leaves(value, f"{prefix}.{key}" if prefix else str(key)).items()}
+
+
+def test_the_2x_preset_is_the_default_with_only_its_budget_doubled():
+    # A whole file, so that it runs with one --config and the commands in benchmarks/accuracy.md
+    # stay valid (dafl_best.yaml and inverted_pool.yaml are symlinks to the default); this
+    # keeps it from drifting when the default changes.
+    import yaml
+
+    default = _leaves(yaml.safe_load((REPO / "configs/default.yaml").read_text()))
+    long = _leaves(yaml.safe_load((REPO / "configs/fashion_mnist/inverted_pool_long.yaml").read_text()))
+    doubled = ("trainer.max_epochs", "model.init_args.procedural_pool_size")
+    assert long == {**default, **{key: 2 * default[key] for key in doubled}}
+
+
+def test_stacked_configs_override_the_earlier_ones(run_cli, tmp_path):
+    # README: a file with only the changed values, after the preset it changes.
+    changes = tmp_path / "bigger_pool.yaml"
+    changes.write_text("trainer:\n  max_epochs: 3\nmodel:\n  init_args:\n    procedural_pool_size: 4096\n")
+    result = run_cli("fit", "--config", REPO / "configs/default.yaml", "--config", changes, "--print_config")
+    assert result.returncode == 0, result.stderr[-2000:]
+    import yaml
+
+    printed = yaml.safe_load(result.stdout)
+    assert printed["trainer"]["max_epochs"] == 3
+    assert printed["model"]["init_args"]["procedural_pool_size"] == 4096
+    assert printed["model"]["init_args"]["mixup_alpha"] == 1.0  # the rest comes from the default
+    assert printed["model"]["class_path"] == "lightning_modules.data_free.DataFreeDistillation"
+
+
 @pytest.mark.parametrize("config", sorted((REPO / "configs").rglob("compare.yaml")), ids=lambda p: p.parent.name)
 def test_compare_configs_name_existing_files(config):
     import yaml
