@@ -79,6 +79,8 @@ p.add_argument("--pair_similar", type=float, default=0.0)  # share of each batch
 p.add_argument("--zkd", type=float, default=0.0)     # logit-standardised KD (Sun et al. 2024): both logits z-scored per image, divided by this temperature
 p.add_argument("--twin", type=int, default=0)      # 1: half of each chunk are copies of the other half's starting shapes, inverted toward a similar class: counterfactual pairs
 p.add_argument("--mix_off", type=float, default=0.0)  # the last this fraction of the steps without mixup / CutMix (timm's mixup_off_epoch)
+p.add_argument("--logit_mse", type=int, default=0)  # 1: the student regresses the teacher's logits (MSE, Kim et al. 2021) instead of KL on its softmax
+p.add_argument("--opt", default="sgd")              # sgd (momentum 0.9) | adamw (betas 0.9, 0.999; --wd is decoupled)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--eval_every", type=int, default=1000)
@@ -135,7 +137,7 @@ def teacher_probs(x):
     views = [(dx, dy) for dx in range(-a.tta, a.tta + 1) for dy in range(-a.tta, a.tta + 1)]
     flips = [False, True] if a.tta_flip else [False]
     with torch.no_grad():
-        if a.zkd: return T(x)
+        if a.zkd or a.logit_mse: return T(x)
         return sum(F.softmax(T(shift(x, dx, dy, max(a.tta, 1)).flip(3) if f else shift(x, dx, dy, max(a.tta, 1))) / a.T, 1)
                    for dx, dy in views for f in flips) / (len(views) * len(flips))
 
@@ -175,6 +177,8 @@ def zscore(l):
 
 
 def soft_ce(student_logits, target_probs):
+    if a.logit_mse:  # target_probs are the teacher's logits here
+        return F.mse_loss(student_logits, target_probs)
     if a.zkd:  # target_probs are the teacher's logits here (teacher_probs returns them with --zkd)
         return -(F.softmax(zscore(target_probs) / a.zkd, 1) * F.log_softmax(zscore(student_logits) / a.zkd, 1)).sum(1).mean() * a.zkd ** 2
     return -(target_probs * F.log_softmax(student_logits / a.T, 1)).sum(1).mean() * a.T ** 2
@@ -302,7 +306,8 @@ S = build_model(a.s_arch, in_channels=1, num_classes=n_cls, image_size=meta["ima
 proj = torch.nn.Linear(S.feature_dim, T.feature_dim) if a.feat else None
 S2 = build_model(a.s_arch, in_channels=1, num_classes=n_cls, image_size=meta["image_size"]) if a.mutual else None
 params = list(S.parameters()) + (list(proj.parameters()) if proj else []) + (list(S2.parameters()) if S2 else [])
-opt = torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=a.wd)
+opt = (torch.optim.AdamW(params, lr=a.lr, weight_decay=a.wd) if a.opt == "adamw"
+       else torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=a.wd))
 
 
 def consistency(logits, x):
