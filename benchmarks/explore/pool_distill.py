@@ -80,7 +80,7 @@ p.add_argument("--zkd", type=float, default=0.0)     # logit-standardised KD (Su
 p.add_argument("--twin", type=int, default=0)      # 1: half of each chunk are copies of the other half's starting shapes, inverted toward a similar class: counterfactual pairs
 p.add_argument("--mix_off", type=float, default=0.0)  # the last this fraction of the steps without mixup / CutMix (timm's mixup_off_epoch)
 p.add_argument("--logit_mse", type=int, default=0)  # 1: the student regresses the teacher's logits (MSE, Kim et al. 2021) instead of KL on its softmax
-p.add_argument("--opt", default="sgd")              # sgd (momentum 0.9) | adamw (betas 0.9, 0.999; --wd is decoupled)
+p.add_argument("--opt", default="sgd", choices=["sgd", "adamw"])  # sgd (momentum 0.9) | adamw (betas 0.9, 0.999; --wd is decoupled)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--eval_every", type=int, default=1000)
