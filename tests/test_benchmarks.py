@@ -1,0 +1,60 @@
+"""benchmarks/accuracy.py's report: the table the issue's numbers are read from."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", ROOT / "benchmarks" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_record(results: Path, name: str, seed: int, curve: list[tuple[float, float]]):
+    record = {"name": name, "config": "configs/default.yaml", "overrides": [], "seed": seed,
+              "command": f"python -m dafl fit --seed_everything {seed}", "machine": "x86_64, 2 CPU cores, torch threads 2",
+              "wall_seconds": curve[-1][0] + 5, "test_acc": curve[-1][1], "note": f"row {name}",
+              "curve": [{"epoch": i, "train_seconds": t, "test_acc": a} for i, (t, a) in enumerate(curve)]}
+    (results / name).mkdir(parents=True, exist_ok=True)
+    (results / name / f"seed_{seed}.json").write_text(json.dumps(record))
+
+
+def table_row(text: str, name: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| `{name}` |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_first_reached_is_the_first_curve_point_at_the_floor(accuracy):
+    record = {"curve": [{"train_seconds": 10, "test_acc": 0.80}, {"train_seconds": 20, "test_acc": 0.851},
+                        {"train_seconds": 30, "test_acc": 0.84}, {"train_seconds": 40, "test_acc": 0.86}]}
+    assert accuracy.first_reached(record) == 20  # the first crossing, not the last point above
+    assert accuracy.first_reached(record, 0.9) is None
+    assert accuracy.first_reached({"curve": [{"train_seconds": 5, "test_acc": 0.85}]}) == 5  # "at or above"
+
+
+def test_report_labels_seeds_times_to_the_floor_and_pools_rows(accuracy, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    # seed 10 sorts after seed 2 by number, not as text
+    write_record(results, "alone", 0, [(100, 0.80), (200, 0.86), (300, 0.87)])
+    write_record(results, "alone", 10, [(100, 0.80), (200, 0.84), (300, 0.83)])
+    write_record(results, "alone", 2, [(100, 0.85), (200, 0.84), (300, 0.84)])
+    write_record(results, "side_by_side", 1, [(150, 0.70), (400, 0.90)])
+    monkeypatch.setattr(accuracy, "POOLED", {"both rows": ["alone", "side_by_side"], "absent": ["nothing"]})
+    text = accuracy.report_to(results, tmp_path)
+
+    assert (tmp_path / "accuracy.md").read_text() == text and (tmp_path / "accuracy.png").stat().st_size > 0
+    cells = table_row(text, "alone")
+    assert cells[1] == "3"
+    assert cells[2] == "**84.67 ± 2.08**"  # mean and sample std of 87, 84, 83
+    assert cells[3] == "0: 87.00, 2: 84.00, 10: 83.00"
+    assert cells[4] == "200 s, 100 s, never"
+    assert table_row(text, "side_by_side")[4] == "400 s"
+    pooled = next(line for line in text.splitlines() if line.startswith("| both rows |"))
+    assert "| 4 | **86.00 ± 3.16** | 0: 87.00, 1: 90.00, 2: 84.00, 10: 83.00 |" in pooled
+    assert "absent" not in text  # a pooled group with no results is left out
