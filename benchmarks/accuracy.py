@@ -11,6 +11,7 @@ is the last epoch's, and no run or checkpoint is selected by it.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -25,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PLOT_SKIP = ("abl_", "v1_exp_", "gpu_x_", "mnist5k_")  # table-only rows: ablations, probes, other datasets
 FLOOR = 0.85  # issue #5's floor: the table says when each seed's test curve first reaches it
+OTHER_DATASETS = ("mnist5k_",)  # rows on another dataset, where the Fashion-MNIST floor means nothing
 # Rows that ran the same config with the same code and differ only in how they shared the
 # machine (so each row's time column means one thing): the report also pools their seeds.
 POOLED = {
@@ -39,6 +41,25 @@ def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
+
+
+def commit() -> str:
+    """The code a record was measured with: `git describe --always --dirty` (no git: "unknown")."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def last_logged(run_dir: Path, key: str) -> float | None:
+    """The last value of `key` in a run folder's metrics.csv (Lightning's CSVLogger), else None."""
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return None
+    with path.open(newline="") as f:
+        values = [row[key] for row in csv.DictReader(f) if row.get(key)]
+    return float(values[-1]) if values else None
 
 
 def run(args) -> None:
@@ -62,7 +83,9 @@ def run(args) -> None:
         record = {"name": args.name, "config": args.config, "overrides": args.set, "seed": seed,
                   "command": shlex.join(["python", "-m", "dafl", *command[3:]]), "machine": machine(),
                   "wall_seconds": round(time.time() - start, 1), "test_acc": summary["test_acc"], "curve": curve,
-                  "note": args.note}
+                  "note": args.note, "commit": commit(),
+                  # the label-free signal a user sees (student-teacher agreement on held-out inversions)
+                  "val_agreement": last_logged(run_dir, "val/agreement")}
         out = RESULTS / args.name
         out.mkdir(parents=True, exist_ok=True)
         (out / f"seed_{seed}.json").write_text(json.dumps(record, indent=1))
@@ -81,7 +104,18 @@ def per_seed(records: list[dict]) -> str:
 
 
 def time_to_floor(records: list[dict]) -> str:
+    if records[0]["name"].startswith(OTHER_DATASETS):
+        return "n/a"
     return ", ".join("never" if (t := first_reached(r)) is None else f"{t:.0f} s" for r in records)
+
+
+def agreement(records: list[dict]) -> str:
+    """Each seed's last label-free val/agreement (older records did not keep it: "–")."""
+    return ", ".join("–" if r.get("val_agreement") is None else f"{100 * r['val_agreement']:.1f}" for r in records)
+
+
+def commits(records: list[dict]) -> str:
+    return ", ".join(dict.fromkeys(r.get("commit") or "–" for r in records))
 
 
 def mean_std(accs: list[float]) -> str:
@@ -109,9 +143,13 @@ def report_to(results: Path, out: Path) -> str:
              "Rebuilt by `python benchmarks/accuracy.py report` from `benchmarks/results/*/seed_*.json`;",
              "each row's command reproduces one seed (`--seed_everything S`).", "",
              f"\"first ≥ {100 * FLOOR:.0f}%\": training seconds at the first point of each seed's test curve at or",
-             "above it (sampled every `--every` epochs; times of runs that shared the cores are contended, see the notes).", "",
-             f"| preset | seeds | mean ± std | per seed (seed: %) | first ≥ {100 * FLOOR:.0f}% | training time / seed | machine | what |",
-             "|---|---|---|---|---|---|---|---|"]
+             "above it (sampled every `--every` epochs; times of runs that shared the cores are contended, see the notes;",
+             "n/a for other datasets). \"val/agreement\": each seed's last student-teacher agreement on held-out",
+             "inverted images, the label-free signal `fit` logs (– where a record predates it). \"code\": the commit the",
+             "row was measured with (– where a record predates it).", "",
+             f"| preset | seeds | mean ± std | per seed (seed: %) | first ≥ {100 * FLOOR:.0f}% | val/agreement (%) | "
+             "training time / seed | machine | code | what |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     # The plot shows full-length presets only: one-lever ablations and probes (single seeds
     # at reduced budgets) are in the table, and with them the legend was unreadable.
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
@@ -119,7 +157,8 @@ def report_to(results: Path, out: Path) -> str:
         accs = [100 * r["test_acc"] for r in records]
         seconds = statistics.mean(r["curve"][-1]["train_seconds"] for r in records)
         lines.append(f"| `{name}` | {len(accs)} | {mean_std(accs)} | {per_seed(records)} | {time_to_floor(records)} | "
-                     f"{seconds:.0f} s | {records[0]['machine']} | {records[0].get('note') or ''} |")
+                     f"{agreement(records)} | {seconds:.0f} s | {records[0]['machine']} | {commits(records)} | "
+                     f"{records[0].get('note') or ''} |")
         if name.startswith(PLOT_SKIP):
             continue
         ax = axes[0] if "CPU cores" in records[0]["machine"] else axes[1]  # machine() names a GPU by its model
@@ -128,14 +167,18 @@ def report_to(results: Path, out: Path) -> str:
             ax.plot([p["train_seconds"] for p in r["curve"]], [100 * p["test_acc"] for p in r["curve"]],
                     color=color, alpha=0.8, label=name if i == 0 else None)
     pooled = [(what, [r for row in rows for r in groups.get(row, [])]) for what, rows in POOLED.items()]
+    for what, records in pooled:  # POOLED is kept by hand: refuse to pool rows that ran different settings
+        if len({(r["config"], tuple(r["overrides"])) for r in records}) > 1:
+            raise SystemExit(f"POOLED group {what!r} mixes configs or overrides; fix POOLED in accuracy.py")
     if any(records for _, records in pooled):
         lines += ["", "Seeds pooled across rows that ran the same config and code (`POOLED` in `accuracy.py`):", "",
-                  "| preset | rows | seeds | mean ± std | per seed (seed: %) |", "|---|---|---|---|---|"]
+                  "| preset | rows | seeds | mean ± std | per seed (seed: %) | val/agreement (%) |", "|---|---|---|---|---|---|"]
         for (what, records), rows in zip(pooled, POOLED.values()):
             if records:
                 records = sorted(records, key=lambda r: r["seed"])
                 lines.append(f"| {what} | {', '.join(f'`{row}`' for row in rows)} | {len(records)} | "
-                             f"{mean_std([100 * r['test_acc'] for r in records])} | {per_seed(records)} |")
+                             f"{mean_std([100 * r['test_acc'] for r in records])} | {per_seed(records)} | "
+                             f"{agreement(records)} |")
     lines += ["", "Commands (the first seed of each preset):", ""]
     for name, records in sorted(groups.items()):
         lines.append(f"- `{name}`: `{records[0]['command']}`")

@@ -58,3 +58,47 @@ def test_report_labels_seeds_times_to_the_floor_and_pools_rows(accuracy, tmp_pat
     pooled = next(line for line in text.splitlines() if line.startswith("| both rows |"))
     assert "| 4 | **86.00 ± 3.16** | 0: 87.00, 1: 90.00, 2: 84.00, 10: 83.00 |" in pooled
     assert "absent" not in text  # a pooled group with no results is left out
+
+
+def test_last_logged_reads_the_last_value_of_a_metric(accuracy, tmp_path):
+    (tmp_path / "metrics.csv").write_text("epoch,step,train/loss_kd,val/agreement\n"
+                                          "0,19,1.5,\n0,99,,0.61\n1,119,1.2,\n1,199,,0.74\n2,219,1.1,\n")
+    assert accuracy.last_logged(tmp_path, "val/agreement") == 0.74  # the last filled cell, not the last row
+    assert accuracy.last_logged(tmp_path, "test/acc") is None  # never logged
+    assert accuracy.last_logged(tmp_path / "missing", "val/agreement") is None
+
+
+def test_report_shows_agreement_commit_and_no_floor_for_other_datasets(accuracy, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    write_record(results, "fashion", 0, [(100, 0.86)])
+    write_record(results, "mnist5k_row", 0, [(100, 0.96)])
+    record_path = results / "fashion" / "seed_0.json"
+    record = json.loads(record_path.read_text())
+    record.update(val_agreement=0.8734, commit="abc1234")
+    record_path.write_text(json.dumps(record))
+    monkeypatch.setattr(accuracy, "POOLED", {})
+    text = accuracy.report_to(results, tmp_path)
+    fashion, mnist = table_row(text, "fashion"), table_row(text, "mnist5k_row")
+    assert (fashion[4], fashion[5], fashion[8]) == ("100 s", "87.3", "abc1234")
+    assert (mnist[4], mnist[5], mnist[8]) == ("n/a", "–", "–")  # 85% is a Fashion-MNIST target; old records: –
+
+
+def test_report_refuses_to_pool_rows_with_different_settings(accuracy, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    write_record(results, "a", 0, [(100, 0.86)])
+    write_record(results, "b", 1, [(100, 0.84)])
+    record_path = results / "b" / "seed_1.json"
+    record = json.loads(record_path.read_text())
+    record["overrides"] = ["model.kd_temperature=4"]
+    record_path.write_text(json.dumps(record))
+    monkeypatch.setattr(accuracy, "POOLED", {"a and b": ["a", "b"]})
+    with pytest.raises(SystemExit, match="mixes configs or overrides"):
+        accuracy.report_to(results, tmp_path)
+
+
+def test_committed_pooled_rows_ran_one_config(accuracy):
+    """The hand-kept POOLED map against the committed result records."""
+    for what, rows in accuracy.POOLED.items():
+        records = [json.loads(p.read_text()) for row in rows for p in (ROOT / "benchmarks" / "results" / row).glob("seed_*.json")]
+        assert records, what
+        assert len({(r["config"], tuple(r["overrides"])) for r in records}) == 1, what
