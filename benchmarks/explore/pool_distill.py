@@ -86,7 +86,7 @@ p.add_argument("--threads", type=int, default=1)
 p.add_argument("--eval_every", type=int, default=1000)
 p.add_argument("--save_pool", default="")
 p.add_argument("--load_pool", default="")     # train on a saved pool (rounds 1); the student's seed is --student_seed
-p.add_argument("--student_seed", type=int, default=-1)
+p.add_argument("--student_seed", type=int, default=-1)  # reseed and rebuild the student once the pool is built or loaded
 a = p.parse_args()
 torch.set_num_threads(a.threads); torch.manual_seed(a.seed)
 T, meta = load_classifier(a.teacher); T.eval().requires_grad_(False)
@@ -346,7 +346,10 @@ for r in range(a.rounds):
     if a.load_pool:
         pool = torch.load(a.load_pool)
         if a.student_seed >= 0: torch.manual_seed(a.student_seed); S.load_state_dict(build_model("lenet5_half", in_channels=1, num_classes=n_cls, image_size=meta["image_size"]).state_dict())
-    else: pool = torch.cat([pool] + [invert(min(a.chunk, per_round - i), S if r else None) for i in range(0, per_round, a.chunk)])
+    else:
+        pool = torch.cat([pool] + [invert(min(a.chunk, per_round - i), S if r else None) for i in range(0, per_round, a.chunk)])
+        if a.student_seed >= 0 and a.rounds == 1:  # the reload path's reseed, in process: the two paths compared on one pool
+            torch.manual_seed(a.student_seed); S.load_state_dict(build_model("lenet5_half", in_channels=1, num_classes=n_cls, image_size=meta["image_size"]).state_dict())
     pool_targets = torch.cat([teacher_probs(c) for c in pool.split(1024)]) if a.targets == "fixed" else None
     if a.pair_similar:
         with torch.no_grad(): pool_cls = torch.cat([T(c).argmax(1) for c in pool.split(1024)])
