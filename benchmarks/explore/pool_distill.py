@@ -87,6 +87,8 @@ p.add_argument("--eval_every", type=int, default=1000)
 p.add_argument("--save_pool", default="")
 p.add_argument("--load_pool", default="")     # train on a saved pool (rounds 1); the student's seed is --student_seed
 p.add_argument("--student_seed", type=int, default=-1)  # reseed and rebuild the student once the pool is built or loaded
+p.add_argument("--stream_seed", type=int, default=-1)  # with --student_seed: the student's init from --student_seed, its batches and blends from this seed
+p.add_argument("--init_student", default="")  # start the student from these weights (e.g. zip_teacher_to_half.py's LeNet-5-half made from the teacher)
 a = p.parse_args()
 torch.set_num_threads(a.threads); torch.manual_seed(a.seed)
 T, meta = load_classifier(a.teacher); T.eval().requires_grad_(False)
@@ -354,6 +356,8 @@ for r in range(a.rounds):
     if a.pair_similar:
         with torch.no_grad(): pool_cls = torch.cat([T(c).argmax(1) for c in pool.split(1024)])
         by_class = [torch.nonzero(pool_cls == c).squeeze(1) for c in range(n_cls)]
+    if a.init_student: S.load_state_dict(torch.load(a.init_student))
+    if a.stream_seed >= 0: torch.manual_seed(a.stream_seed)
     S.train(); t_inv += time.time() - t1
     for _ in range(a.steps * (r + 1) // a.rounds - step):
         if a.filter and step == int(a.filter_at * a.steps):
