@@ -29,6 +29,7 @@ from dafl.datasets import missing_input_metadata
 from dafl.errors import ConfigError
 from dafl.losses import BatchNormStatistics
 from dafl.procedural import ProceduralShapes, invert_toward_classes
+from dafl.student_init import check_zippable, zip_teacher_into_student
 from dafl.weights import load_classifier
 from lightning_modules.classifier import check_optimizer
 from lightning_modules.generator import GeneratorObjective
@@ -41,6 +42,7 @@ class DataFreeDistillation(L.LightningModule):
         teacher: str = "checkpoints/fashion_mnist_lenet5_bn.safetensors",
         teacher_arch: Optional[str] = None,
         student_arch: str = "lenet5_half",
+        student_init: Literal["random", "zip_teacher"] = "random",
         latent_dim: int = 100,
         generator_arch: Literal["dafl", "native"] = "dafl",
         generator_width: int = 128,
@@ -86,6 +88,12 @@ class DataFreeDistillation(L.LightningModule):
             teacher: weights of the trained classifier (safetensors with metadata, or a state dict).
             teacher_arch: architecture, if the weights file does not name it.
             student_arch: registered architecture of the student.
+            student_init: 'random' (the architecture's own initialisation) or 'zip_teacher':
+                once the inverted pool is built, the student's weights become the teacher's,
+                BatchNorm folded and each layer zipped to the student's width (ZipIt! within one
+                network; correlations on the pool, no real data; `dafl.student_init`). LeNet-5
+                teacher and student (no BatchNorm in the student); needs the inverted pool
+                (`procedural_inversion_steps` > 0). Not redone when a run resumes.
             generator_arch: 'dafl' (the official generator: normalised output at the network's
                 input size) or 'native' (sigmoid pixels at the dataset's native size, passed
                 through the same padding and normalisation as real inputs; needs a teacher
@@ -157,6 +165,8 @@ class DataFreeDistillation(L.LightningModule):
         self.student = StudentObjective(student_arch, **shape, temperature=kd_temperature,
                                         augment_shift=augment_shift, augment_flip=augment_flip,
                                         mixup_alpha=mixup_alpha, cutmix_prob=cutmix_prob)
+        if student_init == "zip_teacher":
+            check_zippable(self.teacher, self.student.net)
         self.generator = GeneratorObjective(latent_dim, shape["image_size"], shape["in_channels"], generator_width,
                                             one_hot_weight, activation_weight, entropy_weight, entropy_log_base,
                                             bn_stat_weight, adversarial_weight, shape["num_classes"],
@@ -225,6 +235,11 @@ class DataFreeDistillation(L.LightningModule):
         if hp.procedural_inversion_steps and not hp.procedural_fraction and hp.synthetic != "inverted":
             raise ConfigError("procedural_inversion_steps inverts the procedural images: set procedural_fraction > 0, "
                               "or procedural_inversion_steps 0 to turn the shapes off")
+        if hp.student_init not in ("random", "zip_teacher"):
+            raise ConfigError(f"student_init must be 'random' or 'zip_teacher', got {hp.student_init!r}")
+        if hp.student_init == "zip_teacher" and not hp.procedural_inversion_steps:
+            raise ConfigError("student_init 'zip_teacher' measures the teacher's feature correlations on the "
+                              "inverted pool: set procedural_inversion_steps > 0")
         if hp.kd_temperature <= 0 or hp.entropy_log_base <= 1:
             raise ConfigError("kd_temperature must be > 0 and entropy_log_base > 1")
         if hp.synthetic != "generator" and hp.schedule == "official":
@@ -301,6 +316,15 @@ class DataFreeDistillation(L.LightningModule):
                 self.validation_pool = self._invert_shapes(len(self.val_latents), seed=1234)
             rank_zero_info(f"Inverted {hp.procedural_pool_size} procedural images through the teacher "
                            f"({hp.procedural_inversion_steps} steps each) in {time.perf_counter() - start:.0f} s")
+            if hp.student_init == "zip_teacher" and self.global_step == 0:  # a fresh run, not a resumed one
+                self._zip_teacher_into_student()
+
+    def _zip_teacher_into_student(self):
+        zip_teacher_into_student(self.teacher, self.student.net, self.procedural_pool)
+        if self._trainer is not None and self.trainer.world_size > 1:  # each rank zipped its own pool: take rank 0's
+            state = self.trainer.strategy.broadcast(self.student.net.state_dict(), src=0)
+            self.student.net.load_state_dict(state)
+        rank_zero_info("Student initialised from the teacher, zipped to its width on the inverted pool")
 
     def _invert_shapes(self, count: int, seed: Optional[int] = None) -> torch.Tensor:
         """`count` dead-leaves shapes inverted through the teacher, in chunks of

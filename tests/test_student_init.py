@@ -1,0 +1,116 @@
+"""dafl.student_init: a student made from the teacher's weights (BatchNorm folded, each layer
+zipped to the student's width), and DataFreeDistillation's `student_init: zip_teacher`."""
+import pytest
+import torch
+from torch import nn
+
+from conftest import quiet_trainer
+from dafl.data import DataFreeDataModule
+from dafl.errors import ConfigError
+from dafl.models import build_model
+from dafl.student_init import check_zippable, fold_batchnorm, zip_teacher_into_student
+from lightning_modules.data_free import DataFreeDistillation
+
+
+def randomise_batchnorm(net: nn.Module) -> nn.Module:
+    """Running statistics and affine parameters far from the identity, so folding has work to do."""
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return net.eval()
+
+
+def doubled(half: nn.Module) -> nn.Module:
+    """A full-width LeNet-5 computing exactly what `half` computes: every feature twice (its
+    weights repeated), and every layer reading each copy with half the weight."""
+    full = build_model("lenet5").eval()
+    h, f = half.state_dict(), {}
+    for key in ("features.0", "features.4", "features.8", "classifier.0", "classifier.2"):
+        w, b = h[f"{key}.weight"], h[f"{key}.bias"]
+        if key != "features.0":
+            w = w.repeat_interleave(2, dim=1) / 2  # the inputs: each feature of the layer below, twice
+        if key != "classifier.2":
+            w, b = w.repeat_interleave(2, dim=0), b.repeat_interleave(2)  # the outputs, twice
+        f[f"{key}.weight"], f[f"{key}.bias"] = w, b
+    full.load_state_dict(f)
+    return full
+
+
+def test_folding_batchnorm_keeps_the_function():
+    torch.manual_seed(0)
+    teacher = randomise_batchnorm(build_model("lenet5_bn"))
+    x = torch.randn(16, 1, 32, 32)
+    folded = fold_batchnorm(teacher)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules())  # the teacher is not touched
+    torch.testing.assert_close(folded(x), teacher(x), atol=1e-4, rtol=1e-4)
+
+
+def test_a_student_as_wide_as_the_teacher_becomes_the_teacher():
+    torch.manual_seed(0)
+    teacher = randomise_batchnorm(build_model("lenet5_bn"))
+    student = build_model("lenet5")
+    x = torch.randn(64, 1, 32, 32)
+    zip_teacher_into_student(teacher, student, x)
+    torch.testing.assert_close(student.eval()(x), teacher(x), atol=1e-4, rtol=1e-4)
+
+
+def test_zipping_merges_duplicated_features_back_into_the_half_network():
+    torch.manual_seed(0)
+    half = build_model("lenet5_half").eval()
+    teacher = doubled(half)
+    images = torch.rand(256, 1, 32, 32) * 4 - 1
+    torch.testing.assert_close(teacher(images), half(images), atol=1e-4, rtol=1e-4)
+    student = build_model("lenet5_half")
+    parameters = [p for p in student.parameters()]
+    zip_teacher_into_student(teacher, student, images)
+    # each pair of twins (correlation 1) was merged: the student computes what `half` computes
+    torch.testing.assert_close(student.eval()(images), half(images), atol=1e-4, rtol=1e-4)
+    assert all(p is q for p, q in zip(parameters, student.parameters()))  # in place: an optimizer keeps them
+
+
+@pytest.mark.parametrize("teacher, student, message", [
+    ("resnet18", "lenet5_half", "LeNet-5"),
+    ("lenet5_bn", "lenet5_half_bn", "without BatchNorm"),
+    ("lenet5_half", "lenet5", "more than the teacher"),
+])
+def test_unzippable_pairs_are_one_line_config_errors(teacher, student, message):
+    channels = 3 if teacher == "resnet18" else 1
+    with pytest.raises(ConfigError, match=message):
+        check_zippable(build_model(teacher, in_channels=channels), build_model(student))
+
+
+def test_zip_teacher_needs_the_inverted_pool(digits_teacher):
+    with pytest.raises(ConfigError, match="procedural_inversion_steps"):
+        DataFreeDistillation(teacher=str(digits_teacher[0]), student_init="zip_teacher")
+    with pytest.raises(ConfigError, match="student_init"):
+        DataFreeDistillation(teacher=str(digits_teacher[0]), student_init="teacher")
+
+
+def test_fit_starts_the_student_from_the_zipped_teacher(digits_teacher):
+    import lightning as L
+
+    settings = dict(teacher=str(digits_teacher[0]), schedule="alternating", synthetic="inverted",
+                    procedural_inversion_steps=2, procedural_pool_size=128, batch_size=32, val_size=64,
+                    student_init="zip_teacher")
+
+    class FirstStep(L.Callback):
+        weights = None
+
+        def on_train_batch_start(self, trainer, module, *args):
+            if FirstStep.weights is None:
+                FirstStep.weights = {k: v.clone() for k, v in module.student.net.state_dict().items()}
+
+    L.seed_everything(0, verbose=False)
+    model = DataFreeDistillation(**settings)
+    random_start = {k: v.clone() for k, v in model.student.net.state_dict().items()}
+    trainer = quiet_trainer(max_epochs=1, num_sanity_val_steps=0, callbacks=[FirstStep()])
+    trainer.fit(model, datamodule=DataFreeDataModule(None, iterations_per_epoch=2))
+    expected = build_model("lenet5_half", num_classes=model.teacher_meta["num_classes"])
+    zip_teacher_into_student(model.teacher, expected, model.procedural_pool)
+    for key, value in expected.state_dict().items():
+        assert torch.equal(FirstStep.weights[key], value), key  # trained from the zip, not from the random init
+        assert not torch.equal(random_start[key], value), key
