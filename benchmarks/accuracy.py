@@ -63,6 +63,7 @@ def last_logged(run_dir: Path, key: str) -> float | None:
 
 
 def run(args) -> None:
+    code = commit()  # at the start: the tree may move on while the runs train
     for seed in args.seeds:
         run_dir = Path(args.runs) / args.name / f"seed_{seed}"
         command = [sys.executable, "-m", "dafl", "fit", "--config", args.config, "--seed_everything", str(seed),
@@ -83,7 +84,7 @@ def run(args) -> None:
         record = {"name": args.name, "config": args.config, "overrides": args.set, "seed": seed,
                   "command": shlex.join(["python", "-m", "dafl", *command[3:]]), "machine": machine(),
                   "wall_seconds": round(time.time() - start, 1), "test_acc": summary["test_acc"], "curve": curve,
-                  "note": args.note, "commit": commit(),
+                  "note": args.note, "commit": code,
                   # the label-free signal a user sees (student-teacher agreement on held-out inversions)
                   "val_agreement": last_logged(run_dir, "val/agreement")}
         out = RESULTS / args.name
