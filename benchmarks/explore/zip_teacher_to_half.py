@@ -2,6 +2,8 @@
 folding BatchNorm and zipping each layer to half width within the one model.
 
     python benchmarks/explore/zip_teacher_to_half.py [real | PATH_TO_SAVED_IMAGES.pt]
+
+The product version is `dafl.student_init` (`student_init: zip_teacher`), tested to give the same weights.
 """
 import torch, torch.nn as nn, sys
 from dafl.weights import load_classifier
@@ -42,4 +44,4 @@ for alpha in (0.3, 1.0):
         Ui = matches[i][1] if i else None
         st[key] = merge_tensor([fsd[key]], Mo, Ui, r)
     S.load_state_dict(st); S.eval(); print("halved alpha", alpha, acc(S))
-    torch.save(S.state_dict(), f"halved_{alpha}.pt")  # for generator_loop.py --init_student
+    torch.save(S.state_dict(), f"halved_{alpha}.pt")  # for generator_loop.py / pool_distill.py --init_student
