@@ -93,7 +93,8 @@ class DataFreeDistillation(L.LightningModule):
                 BatchNorm folded and each layer zipped to the student's width (ZipIt! within one
                 network; correlations on the pool, no real data; `dafl.student_init`). LeNet-5
                 teacher and student (no BatchNorm in the student); needs the inverted pool
-                (`procedural_inversion_steps` > 0). Not redone when a run resumes.
+                (`procedural_inversion_steps` > 0). Not redone when a run resumes. Far ahead early,
+                level with 'random' at the default's budget (benchmarks/accuracy.md, `zip_teacher`).
             generator_arch: 'dafl' (the official generator: normalised output at the network's
                 input size) or 'native' (sigmoid pixels at the dataset's native size, passed
                 through the same padding and normalisation as real inputs; needs a teacher
