@@ -16,11 +16,11 @@ def accuracy():
     return module
 
 
-def write_record(results: Path, name: str, seed: int, curve: list[tuple[float, float]]):
+def write_record(results: Path, name: str, seed: int, curve: list[tuple[float, float]], **fields):
     record = {"name": name, "config": "configs/default.yaml", "overrides": [], "seed": seed,
               "command": f"python -m dafl fit --seed_everything {seed}", "machine": "x86_64, 2 CPU cores, torch threads 2",
               "wall_seconds": curve[-1][0] + 5, "test_acc": curve[-1][1], "note": f"row {name}",
-              "curve": [{"epoch": i, "train_seconds": t, "test_acc": a} for i, (t, a) in enumerate(curve)]}
+              "curve": [{"epoch": i, "train_seconds": t, "test_acc": a} for i, (t, a) in enumerate(curve)], **fields}
     (results / name).mkdir(parents=True, exist_ok=True)
     (results / name / f"seed_{seed}.json").write_text(json.dumps(record))
 
@@ -70,12 +70,8 @@ def test_last_logged_reads_the_last_value_of_a_metric(accuracy, tmp_path):
 
 def test_report_shows_agreement_commit_and_no_floor_for_other_datasets(accuracy, tmp_path, monkeypatch):
     results = tmp_path / "results"
-    write_record(results, "fashion", 0, [(100, 0.86)])
+    write_record(results, "fashion", 0, [(100, 0.86)], val_agreement=0.8734, commit="abc1234")
     write_record(results, "mnist5k_row", 0, [(100, 0.96)])
-    record_path = results / "fashion" / "seed_0.json"
-    record = json.loads(record_path.read_text())
-    record.update(val_agreement=0.8734, commit="abc1234")
-    record_path.write_text(json.dumps(record))
     monkeypatch.setattr(accuracy, "POOLED", {})
     text = accuracy.report_to(results, tmp_path)
     fashion, mnist = table_row(text, "fashion"), table_row(text, "mnist5k_row")
@@ -86,11 +82,7 @@ def test_report_shows_agreement_commit_and_no_floor_for_other_datasets(accuracy,
 def test_report_refuses_to_pool_rows_with_different_settings(accuracy, tmp_path, monkeypatch):
     results = tmp_path / "results"
     write_record(results, "a", 0, [(100, 0.86)])
-    write_record(results, "b", 1, [(100, 0.84)])
-    record_path = results / "b" / "seed_1.json"
-    record = json.loads(record_path.read_text())
-    record["overrides"] = ["model.kd_temperature=4"]
-    record_path.write_text(json.dumps(record))
+    write_record(results, "b", 1, [(100, 0.84)], overrides=["model.kd_temperature=4"])
     monkeypatch.setattr(accuracy, "POOLED", {"a and b": ["a", "b"]})
     with pytest.raises(SystemExit, match="mixes configs or overrides"):
         accuracy.report_to(results, tmp_path)
