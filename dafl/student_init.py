@@ -8,7 +8,7 @@ pool of shapes inverted through the teacher, so no real data is needed.
 Why: the student's own randomness (its initialisation and batches) decides much of where
 it ends, mostly on the classes the teacher separates finely (coat, shirt, pullover on
 Fashion-MNIST); a start from the teacher's features removes the initialisation's part.
-Measured (benchmarks/explore/README.md, round 16): +2.5 points and a quarter of the spread
+Measured (benchmarks/explore/README.md, round 16): +2.9 points and a quarter of the spread
 at a small budget (8,000 student steps), far ahead early but level with a random start at
 the default preset's 32,000 steps, so it is a switch (`student_init`), not the default.
 """
