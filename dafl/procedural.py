@@ -66,19 +66,34 @@ class ProceduralShapes(nn.Module):
         return self.adapter(self.pixels(n))
 
 
+def class_cycle(num_classes: int, class_weights: list[int] | None = None) -> torch.Tensor:
+    """The order in which inversion targets are dealt: every class once, then, with
+    `class_weights` (a whole number >= 1 per class), the classes of weight >= 2 once more,
+    then those of weight >= 3, and so on. Image i of a batch goes to cycle[i mod len(cycle)],
+    so each class's share of a batch is its weight over the weights' sum, even in a batch
+    smaller than the cycle as far as it reaches."""
+    weights = class_weights or [1] * num_classes
+    if len(weights) != num_classes or any(int(w) != w or w < 1 for w in weights):
+        raise ValueError(f"class_weights must be {num_classes} whole numbers >= 1, got {list(weights)}")
+    return torch.tensor([c for round_ in range(max(weights)) for c in range(num_classes) if weights[c] > round_])
+
+
 def invert_toward_classes(pixels: torch.Tensor, teacher: nn.Module, adapter: InputAdapter, num_classes: int,
-                          steps: int, lr: float = 0.02, bn_stats: BatchNormStatistics | None = None) -> torch.Tensor:
+                          steps: int, lr: float = 0.02, bn_stats: BatchNormStatistics | None = None,
+                          class_weights: list[int] | None = None) -> torch.Tensor:
     """Shapes as a starting point for model inversion: `steps` Adam steps on the pixels
     (native size, kept in [0, 1]) until the frozen teacher sees image i as class i mod
-    num_classes, with DeepInversion's BatchNorm-statistics loss when `bn_stats` hooks the
-    teacher. The shapes' large, sharp silhouettes survive; the teacher adds the texture of
-    the class. Returns the images padded and normalised like real inputs.
+    num_classes (or as `class_cycle(num_classes, class_weights)` deals them), with
+    DeepInversion's BatchNorm-statistics loss when `bn_stats` hooks the teacher. The shapes'
+    large, sharp silhouettes survive; the teacher adds the texture of the class. Returns the
+    images padded and normalised like real inputs.
 
     Why: from noise, pixel inversion of LeNet-5 gives textures without object shape (41%,
     explore/README.md); from shapes it gives images the student learns from much faster
     (seventh round)."""
     pixels = pixels.clone().requires_grad_()
-    targets = torch.arange(len(pixels), device=pixels.device) % num_classes
+    cycle = class_cycle(num_classes, class_weights).to(pixels.device)
+    targets = cycle[torch.arange(len(pixels), device=pixels.device) % len(cycle)]
     optimizer = torch.optim.Adam([pixels], lr=lr)
     with torch.enable_grad():
         for _ in range(steps):

@@ -28,7 +28,7 @@ from dafl.distributed import gather_with_grad
 from dafl.datasets import missing_input_metadata
 from dafl.errors import ConfigError
 from dafl.losses import BatchNormStatistics
-from dafl.procedural import ProceduralShapes, invert_toward_classes
+from dafl.procedural import ProceduralShapes, class_cycle, invert_toward_classes
 from dafl.student_init import check_zippable, zip_teacher_into_student
 from dafl.weights import load_classifier
 from lightning_modules.classifier import check_optimizer
@@ -73,6 +73,7 @@ class DataFreeDistillation(L.LightningModule):
         procedural_inversion_steps: int = 0,
         procedural_pool_size: int = 4096,
         procedural_inversion_batch: int = 1024,
+        procedural_class_weights: Optional[list[int]] = None,
         generator_optimizer: Optional[OptimizerCallable] = None,
         student_optimizer: Optional[OptimizerCallable] = None,
         student_lr_schedule: Literal["constant", "cosine", "multistep"] = "constant",
@@ -141,6 +142,12 @@ class DataFreeDistillation(L.LightningModule):
                 within it). It changes the images, not only the speed. The default preset
                 uses 512: +0.23 over 1,024 on 4 seeds, within noise (benchmarks/accuracy.md;
                 the sizes tried in research round 12: benchmarks/explore/README.md).
+            procedural_class_weights: one whole number >= 1 per class: how often each class is
+                an inversion target relative to the others, in the training pool only (the
+                held-out validation pool stays balanced, so `val/agreement` is comparable
+                across settings). None: balanced. E.g. [2, 1, 2, 1, 2, 1, 2, 1, 1, 1] doubles
+                Fashion-MNIST's four upper-body garments, where students err most (research
+                round 17: benchmarks/explore/README.md).
             student_lr_warmup: iterations over which the student's learning rate rises
                 linearly from lr/warmup to lr (multiplies the schedule). The first generator
                 images are noise; a full learning rate on them can kill the student's ReLUs
@@ -163,6 +170,11 @@ class DataFreeDistillation(L.LightningModule):
         self.teacher, self.teacher_meta = load_classifier(teacher, arch=teacher_arch)
         self.teacher.eval().requires_grad_(False)
         shape = {k: self.teacher_meta[k] for k in ("in_channels", "num_classes", "image_size")}
+        if procedural_class_weights is not None:
+            try:  # checked here, where the teacher's number of classes is known
+                class_cycle(shape["num_classes"], procedural_class_weights)
+            except ValueError as error:
+                raise ConfigError(f"procedural_class_weights: {error}") from None
         self.student = StudentObjective(student_arch, **shape, temperature=kd_temperature,
                                         augment_shift=augment_shift, augment_flip=augment_flip,
                                         mixup_alpha=mixup_alpha, cutmix_prob=cutmix_prob)
@@ -228,6 +240,9 @@ class DataFreeDistillation(L.LightningModule):
         if min(hp.procedural_shapes, hp.procedural_scale, hp.procedural_pool_size, hp.procedural_inversion_batch) <= 0:
             raise ConfigError("procedural_shapes, procedural_scale, procedural_pool_size and procedural_inversion_batch "
                               "must be positive")
+        if hp.procedural_class_weights is not None and not hp.procedural_inversion_steps:
+            raise ConfigError("procedural_class_weights weights the inverted pool's classes: set "
+                              "procedural_inversion_steps > 0")
         if hp.procedural_inversion_steps < 0:
             raise ConfigError(f"procedural_inversion_steps must be >= 0, got {hp.procedural_inversion_steps}")
         if hp.synthetic == "inverted" and (not hp.procedural_inversion_steps or hp.procedural_fraction):
@@ -312,7 +327,7 @@ class DataFreeDistillation(L.LightningModule):
         hp = self.hparams
         if hp.procedural_inversion_steps and self.procedural_pool is None:
             start = time.perf_counter()
-            self.procedural_pool = self._invert_shapes(hp.procedural_pool_size)
+            self.procedural_pool = self._invert_shapes(hp.procedural_pool_size, class_weights=hp.procedural_class_weights)
             if hp.synthetic == "inverted" and self.validation_pool is None:
                 self.validation_pool = self._invert_shapes(len(self.val_latents), seed=1234)
             rank_zero_info(f"Inverted {hp.procedural_pool_size} procedural images through the teacher "
@@ -327,11 +342,12 @@ class DataFreeDistillation(L.LightningModule):
             self.student.net.load_state_dict(state)
         rank_zero_info("Student initialised from the teacher, zipped to its width on the inverted pool")
 
-    def _invert_shapes(self, count: int, seed: Optional[int] = None) -> torch.Tensor:
+    def _invert_shapes(self, count: int, seed: Optional[int] = None,
+                       class_weights: Optional[list[int]] = None) -> torch.Tensor:
         """`count` dead-leaves shapes inverted through the teacher, in chunks of
         `procedural_inversion_batch` (each chunk one BatchNorm-statistics batch, classes
-        balanced within it). With `seed`, the same images every time (the validation pool),
-        whatever the global random state."""
+        balanced within it, or dealt by `class_weights`). With `seed`, the same images every
+        time (the validation pool), whatever the global random state."""
         hp = self.hparams
         bn_stats = BatchNormStatistics(self.teacher)
         chunks = []
@@ -351,7 +367,8 @@ class DataFreeDistillation(L.LightningModule):
                     n = min(chunk, count - first)
                     chunks.append(invert_toward_classes(self.procedural.pixels(n), self.teacher, self.procedural.adapter,
                                                         self.teacher_meta["num_classes"], hp.procedural_inversion_steps,
-                                                        bn_stats=bn_stats if bn_stats.layers else None))
+                                                        bn_stats=bn_stats if bn_stats.layers else None,
+                                                        class_weights=class_weights))
                     bar.update(n)
         bn_stats.remove()
         return torch.cat(chunks)

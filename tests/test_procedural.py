@@ -5,7 +5,7 @@ import torch
 
 from dafl.errors import ConfigError
 from dafl.losses import BatchNormStatistics
-from dafl.procedural import ProceduralShapes, dead_leaves, invert_toward_classes
+from dafl.procedural import ProceduralShapes, class_cycle, dead_leaves, invert_toward_classes
 from dafl.weights import load_classifier
 from lightning_modules.data_free import DataFreeDistillation
 
@@ -159,6 +159,60 @@ def test_pool_is_inverted_in_batches_of_procedural_inversion_batch(digits_teache
                                  procedural_inversion_batch=16, **FAST)
     pool = model._invert_shapes(50)
     assert sizes == [16, 16, 16, 2] and len(pool) == 50
+
+
+def test_class_cycle_deals_each_class_as_often_as_its_weight():
+    assert class_cycle(4).tolist() == [0, 1, 2, 3]
+    assert class_cycle(4, [1, 1, 1, 1]).tolist() == [0, 1, 2, 3]
+    # every class once, then the classes of weight >= 2, then those of weight >= 3
+    assert class_cycle(4, [2, 1, 3, 1]).tolist() == [0, 1, 2, 3, 0, 2, 2]
+    counts = torch.bincount(class_cycle(10, [2, 1, 2, 1, 2, 1, 2, 1, 1, 1]), minlength=10)
+    assert counts.tolist() == [2, 1, 2, 1, 2, 1, 2, 1, 1, 1]
+    for bad in ([1, 1, 1], [1, 0, 1, 1], [1, 1.5, 1, 1], [1, -2, 1, 1]):
+        with pytest.raises(ValueError, match="class_weights must be 4 whole numbers"):
+            class_cycle(4, bad)
+
+
+def test_inversion_with_class_weights_makes_the_weighted_class_that_much_more_common(digits_teacher):
+    teacher, meta = load_classifier(str(digits_teacher[0]))
+    teacher.eval().requires_grad_(False)
+    shapes = ProceduralShapes(meta["native_size"], meta["image_size"], meta["mean"], meta["std"])
+    torch.manual_seed(0)
+    weights = [4] + [1] * 9  # class 0 four times as often: 4 of every 13 images
+    inverted = invert_toward_classes(shapes.pixels(52), teacher, shapes.adapter, 10, steps=30, lr=0.05,
+                                     class_weights=weights)
+    predicted = teacher(inverted).argmax(1)
+    dealt = class_cycle(10, weights)[torch.arange(52) % 13]
+    assert (predicted == dealt).float().mean() > 0.8  # each image moved toward the class it was dealt
+    assert (predicted == 0).sum() >= 13  # 16 dealt to class 0; a balanced deal would give it 6
+
+
+def test_procedural_class_weights_shape_the_training_pool_only(digits_teacher, monkeypatch):
+    import lightning_modules.data_free as data_free
+    dealt = []
+
+    def recording(pixels, *args, class_weights=None, **kwargs):
+        dealt.append(class_weights)
+        return invert_toward_classes(pixels, *args, class_weights=class_weights, **kwargs)
+
+    monkeypatch.setattr(data_free, "invert_toward_classes", recording)
+    weights = [2, 1, 2, 1, 2, 1, 2, 1, 1, 1]
+    model = DataFreeDistillation(teacher=str(digits_teacher[0]), schedule="alternating", synthetic="inverted",
+                                 procedural_inversion_steps=1, procedural_pool_size=40,
+                                 procedural_class_weights=weights, **FAST)
+    model.on_train_epoch_start()
+    # the training pool is dealt by the weights; the held-out validation pool stays balanced
+    assert dealt == [weights, None]
+
+
+def test_procedural_class_weights_are_checked(digits_teacher):
+    teacher = str(digits_teacher[0])
+    for bad in ([1] * 9, [1] * 9 + [0], [1] * 9 + [2.5]):
+        with pytest.raises(ConfigError, match="procedural_class_weights: class_weights must be 10 whole numbers"):
+            DataFreeDistillation(teacher=teacher, schedule="alternating", synthetic="inverted",
+                                 procedural_inversion_steps=3, procedural_class_weights=bad, **FAST)
+    with pytest.raises(ConfigError, match="procedural_class_weights weights the inverted pool"):
+        DataFreeDistillation(teacher=teacher, schedule="alternating", procedural_class_weights=[1] * 10, **FAST)
 
 
 @pytest.mark.parametrize("synthetic,fraction", [("inverted", 0.0), ("gaussian", 0.25)])

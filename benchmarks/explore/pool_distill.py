@@ -81,6 +81,8 @@ p.add_argument("--twin", type=int, default=0)      # 1: half of each chunk are c
 p.add_argument("--mix_off", type=float, default=0.0)  # the last this fraction of the steps without mixup / CutMix (timm's mixup_off_epoch)
 p.add_argument("--logit_mse", type=int, default=0)  # 1: the student regresses the teacher's logits (MSE, Kim et al. 2021) instead of KL on its softmax
 p.add_argument("--opt", default="sgd", choices=["sgd", "adamw"])  # sgd (momentum 0.9) | adamw (betas 0.9, 0.999; --wd is decoupled)
+p.add_argument("--upweight", default="")           # e.g. "0,2,4,6": these classes appear --upweight_factor times as often among the inversion targets
+p.add_argument("--upweight_factor", type=int, default=2)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--eval_every", type=int, default=1000)
@@ -214,8 +216,11 @@ _w = F.normalize([m for m in T.modules() if isinstance(m, torch.nn.Linear)][-1].
 partner_probs = torch.softmax(5 * (_w @ _w.T) - 1e9 * torch.eye(n_cls), 1)
 
 
+target_cycle = torch.tensor(list(range(n_cls)) + [int(c) for c in a.upweight.split(",") if c] * (a.upweight_factor - 1))
+
+
 def soft_targets(n):
-    hard = torch.arange(n) % n_cls
+    hard = target_cycle[torch.arange(n) % len(target_cycle)]
     targets = F.one_hot(hard, n_cls).float()
     k = int(round(a.soft * n))
     if k:
