@@ -70,9 +70,8 @@ def class_cycle(num_classes: int, class_weights: list[int] | None = None) -> tor
     """The order in which inversion targets are dealt: every class once, then, with
     `class_weights` (a whole number >= 1 per class), the classes of weight >= 2 once more,
     then those of weight >= 3, and so on. Image i of a batch goes to cycle[i mod len(cycle)],
-    so each class's share of a batch is its weight over the weights' sum, even in a batch
-    smaller than the cycle as far as it reaches."""
-    weights = class_weights or [1] * num_classes
+    so over each whole cycle a class gets its weight's share of the images."""
+    weights = [1] * num_classes if class_weights is None else class_weights
     if len(weights) != num_classes or any(int(w) != w or w < 1 for w in weights):
         raise ValueError(f"class_weights must be {num_classes} whole numbers >= 1, got {list(weights)}")
     return torch.tensor([c for round_ in range(max(weights)) for c in range(num_classes) if weights[c] > round_])

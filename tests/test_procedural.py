@@ -168,7 +168,7 @@ def test_class_cycle_deals_each_class_as_often_as_its_weight():
     assert class_cycle(4, [2, 1, 3, 1]).tolist() == [0, 1, 2, 3, 0, 2, 2]
     counts = torch.bincount(class_cycle(10, [2, 1, 2, 1, 2, 1, 2, 1, 1, 1]), minlength=10)
     assert counts.tolist() == [2, 1, 2, 1, 2, 1, 2, 1, 1, 1]
-    for bad in ([1, 1, 1], [1, 0, 1, 1], [1, 1.5, 1, 1], [1, -2, 1, 1]):
+    for bad in ([], [1, 1, 1], [1, 0, 1, 1], [1, 1.5, 1, 1], [1, -2, 1, 1]):
         with pytest.raises(ValueError, match="class_weights must be 4 whole numbers"):
             class_cycle(4, bad)
 
