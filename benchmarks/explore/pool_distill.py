@@ -15,7 +15,7 @@ import torch, torch.nn.functional as F
 from dafl.weights import load_classifier
 from dafl.models import build_model
 from dafl.datasets import load_split, InputAdapter
-from dafl.procedural import dead_leaves
+from dafl.procedural import class_cycle, dead_leaves
 from dafl.losses import BatchNormStatistics, batchnorm_statistics_loss, kd_loss
 from lightning_modules.student import mixup, cutmix
 import bn_head  # noqa: F401  registers lenet5_bn_head (tenth round), for --teacher files of that architecture
@@ -216,7 +216,9 @@ _w = F.normalize([m for m in T.modules() if isinstance(m, torch.nn.Linear)][-1].
 partner_probs = torch.softmax(5 * (_w @ _w.T) - 1e9 * torch.eye(n_cls), 1)
 
 
-target_cycle = torch.tensor(list(range(n_cls)) + [int(c) for c in a.upweight.split(",") if c] * (a.upweight_factor - 1))
+upweighted = {int(c) for c in a.upweight.split(",") if c}
+# the product's deal (every class once, then the upweighted ones again): the same order as round 17 used
+target_cycle = class_cycle(n_cls, [a.upweight_factor if c in upweighted else 1 for c in range(n_cls)])
 
 
 def soft_targets(n):
