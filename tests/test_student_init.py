@@ -114,3 +114,56 @@ def test_fit_starts_the_student_from_the_zipped_teacher(digits_teacher):
     for key, value in expected.state_dict().items():
         assert torch.equal(FirstStep.weights[key], value), key  # trained from the zip, not from the random init
         assert not torch.equal(random_start[key], value), key
+
+
+DDP_SCRIPT = '''
+import sys, torch, lightning as L
+from dafl.data import DataFreeDataModule
+from lightning_modules.data_free import DataFreeDistillation
+
+teacher, out = sys.argv[1], sys.argv[2]
+
+
+class SaveFirstStep(L.Callback):
+    saved = False
+
+    def on_train_batch_start(self, trainer, module, *args):
+        if not SaveFirstStep.saved:
+            SaveFirstStep.saved = True
+            torch.save({"student": module.student.net.state_dict(), "pool": module.procedural_pool},
+                       f"{out}/rank{trainer.global_rank}.pt")
+
+
+L.seed_everything(0, verbose=False)
+model = DataFreeDistillation(teacher=teacher, schedule="alternating", synthetic="inverted",
+                             procedural_inversion_steps=2, procedural_pool_size=64, batch_size=16,
+                             val_size=32, student_init="zip_teacher")
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_val_batches=0,
+                    num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, callbacks=[SaveFirstStep()])
+trainer.fit(model, datamodule=DataFreeDataModule(None, iterations_per_epoch=1))
+'''
+
+
+def test_under_ddp_every_rank_starts_from_rank_zeros_zip(digits_teacher, tmp_path):
+    """Two CPU processes (gloo): each rank inverts its own pool (seeds are offset by rank), so
+    without the broadcast their zipped students would differ; every rank must train from rank
+    0's. A real two-process run, not a mock of Lightning's strategy."""
+    import subprocess
+    import sys
+
+    from dafl.weights import load_classifier
+
+    script = tmp_path / "ddp_zip.py"
+    script.write_text(DDP_SCRIPT)
+    run = subprocess.run([sys.executable, str(script), str(digits_teacher[0]), str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert not torch.equal(rank0["pool"], rank1["pool"])  # else the broadcast would have nothing to do
+    teacher, meta = load_classifier(digits_teacher[0])
+    expected = build_model("lenet5_half", num_classes=meta["num_classes"])
+    zip_teacher_into_student(teacher, expected, rank0["pool"])
+    for key, value in expected.state_dict().items():
+        assert torch.allclose(rank0["student"][key], value, atol=1e-6), key
+        assert torch.equal(rank1["student"][key], rank0["student"][key]), key
