@@ -12,8 +12,9 @@ Measured (benchmarks/explore/README.md, round 16): +2.9 points and a quarter of 
 at a small budget (8,000 student steps), far ahead early but level with a random start at
 the default preset's 32,000 steps, so it is a switch (`student_init`), not the default.
 On the teacher without BatchNorm it lost (round 18, one loop seed: 78.6% against 80.7%, trouser
-taken for dress; the fast preset with it, 3 seeds: -2.67), perhaps because a pool inverted without BatchNorm statistics is a poor guide to which
-features are redundant.
+taken for dress; the fast preset, this switch and the class weights together, 3 seeds: -2.67),
+perhaps because a pool inverted without BatchNorm statistics is a poor guide to which features
+are redundant.
 """
 from __future__ import annotations
 
