@@ -79,26 +79,29 @@ def class_cycle(num_classes: int, class_weights: list[int] | None = None) -> tor
 
 def invert_toward_classes(pixels: torch.Tensor, teacher: nn.Module, adapter: InputAdapter, num_classes: int,
                           steps: int, lr: float = 0.02, bn_stats: BatchNormStatistics | None = None,
-                          class_weights: list[int] | None = None) -> torch.Tensor:
+                          class_weights: list[int] | None = None,
+                          symmetric_classes: list[int] | None = None) -> torch.Tensor:
     """Shapes as a starting point for model inversion: `steps` Adam steps on the pixels
     (native size, kept in [0, 1]) until the frozen teacher sees image i as class i mod
     num_classes (or as `class_cycle(num_classes, class_weights)` deals them), with
     DeepInversion's BatchNorm-statistics loss when `bn_stats` hooks the teacher. The shapes'
-    large, sharp silhouettes survive; the teacher adds the texture of the class. Returns the
-    images padded and normalised like real inputs.
+    large, sharp silhouettes survive; the teacher adds the texture of the class. Images dealt
+    to `symmetric_classes` start and stay left-right mirror symmetric (`mirror_symmetric`).
+    Returns the images padded and normalised like real inputs.
 
     Why: from noise, pixel inversion of LeNet-5 gives textures without object shape (41%,
     explore/README.md); from shapes it gives images the student learns from much faster
     (seventh round)."""
-    pixels = pixels.clone().requires_grad_()
     cycle = class_cycle(num_classes, class_weights).to(pixels.device)
     targets = cycle[torch.arange(len(pixels), device=pixels.device) % len(cycle)]
+    symmetric = torch.isin(targets, torch.tensor(symmetric_classes or [], dtype=targets.dtype, device=targets.device))
+    pixels = mirror_left_half(pixels, symmetric).requires_grad_()
     optimizer = torch.optim.Adam([pixels], lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
             if bn_stats is not None:
                 bn_stats.recording = True
-            logits = teacher(adapter(pixels))
+            logits = teacher(adapter(mirror_symmetric(pixels, symmetric)))
             loss = F.cross_entropy(logits, targets)
             if bn_stats is not None:
                 bn_stats.recording = False
@@ -108,4 +111,27 @@ def invert_toward_classes(pixels: torch.Tensor, teacher: nn.Module, adapter: Inp
             optimizer.step()
             with torch.no_grad():
                 pixels.clamp_(0, 1)
-    return adapter(pixels.detach())
+    return adapter(mirror_symmetric(pixels.detach(), symmetric))
+
+
+def mirror_left_half(pixels: torch.Tensor, symmetric: torch.Tensor) -> torch.Tensor:
+    """A copy of `pixels` in which the images marked in `symmetric` (one bool per image) have
+    their left half mirrored onto their right: symmetric silhouettes that keep the shapes'
+    sharp edges (averaging an image with its mirror would blur them into greys)."""
+    pixels = pixels.clone()
+    half = pixels.shape[-1] // 2  # an odd width keeps its middle column
+    if not symmetric.any() or half == 0:
+        return pixels
+    mask = symmetric.view(-1, *[1] * (pixels.dim() - 1))
+    pixels[..., -half:] = torch.where(mask, pixels[..., :half].flip(-1), pixels[..., -half:])
+    return pixels
+
+
+def mirror_symmetric(pixels: torch.Tensor, symmetric: torch.Tensor) -> torch.Tensor:
+    """The images marked in `symmetric` averaged with their mirror image, the others as they
+    are. Inversion steps through this map: a symmetric start then gets symmetric gradients,
+    so Adam keeps it symmetric, without a penalty weight to tune."""
+    if not symmetric.any():
+        return pixels
+    mask = symmetric.view(-1, *[1] * (pixels.dim() - 1))
+    return torch.where(mask, (pixels + pixels.flip(-1)) / 2, pixels)

@@ -74,6 +74,7 @@ class DataFreeDistillation(L.LightningModule):
         procedural_pool_size: int = 4096,
         procedural_inversion_batch: int = 1024,
         procedural_class_weights: Optional[list[int]] = None,
+        procedural_symmetric_classes: Optional[list[int]] = None,
         generator_optimizer: Optional[OptimizerCallable] = None,
         student_optimizer: Optional[OptimizerCallable] = None,
         student_lr_schedule: Literal["constant", "cosine", "multistep"] = "constant",
@@ -148,6 +149,12 @@ class DataFreeDistillation(L.LightningModule):
                 across settings). None: balanced. E.g. [2, 1, 2, 1, 2, 1, 2, 1, 1, 1] doubles
                 Fashion-MNIST's four upper-body garments, where students err most (research
                 round 17: benchmarks/explore/README.md).
+            procedural_symmetric_classes: classes whose inverted images start and stay
+                left-right mirror symmetric, in the training pool only (the validation pool
+                stays as it is, like the class weights'). A prior for classes whose real
+                images are symmetric: for Fashion-MNIST [0, 1, 2, 3, 4, 6, 8] (garments and
+                bags, not the shoes, which all face left). None: no constraint (research
+                round 19: benchmarks/explore/README.md).
             student_lr_warmup: iterations over which the student's learning rate rises
                 linearly from lr/warmup to lr (multiplies the schedule). The first generator
                 images are noise; a full learning rate on them can kill the student's ReLUs
@@ -175,6 +182,11 @@ class DataFreeDistillation(L.LightningModule):
                 class_cycle(shape["num_classes"], procedural_class_weights)
             except ValueError as error:
                 raise ConfigError(f"procedural_class_weights: {error}") from None
+        if procedural_symmetric_classes is not None:
+            classes = procedural_symmetric_classes
+            if any(int(c) != c or not 0 <= c < shape["num_classes"] for c in classes) or len(set(classes)) != len(classes):
+                raise ConfigError(f"procedural_symmetric_classes must be distinct class indices in "
+                                  f"[0, {shape['num_classes']}), got {list(classes)}")
         self.student = StudentObjective(student_arch, **shape, temperature=kd_temperature,
                                         augment_shift=augment_shift, augment_flip=augment_flip,
                                         mixup_alpha=mixup_alpha, cutmix_prob=cutmix_prob)
@@ -242,6 +254,9 @@ class DataFreeDistillation(L.LightningModule):
                               "must be positive")
         if hp.procedural_class_weights is not None and not hp.procedural_inversion_steps:
             raise ConfigError("procedural_class_weights weights the inverted pool's classes: set "
+                              "procedural_inversion_steps > 0")
+        if hp.procedural_symmetric_classes is not None and not hp.procedural_inversion_steps:
+            raise ConfigError("procedural_symmetric_classes shapes the inverted pool's images: set "
                               "procedural_inversion_steps > 0")
         if hp.procedural_inversion_steps < 0:
             raise ConfigError(f"procedural_inversion_steps must be >= 0, got {hp.procedural_inversion_steps}")
@@ -327,7 +342,8 @@ class DataFreeDistillation(L.LightningModule):
         hp = self.hparams
         if hp.procedural_inversion_steps and self.procedural_pool is None:
             start = time.perf_counter()
-            self.procedural_pool = self._invert_shapes(hp.procedural_pool_size, class_weights=hp.procedural_class_weights)
+            self.procedural_pool = self._invert_shapes(hp.procedural_pool_size, class_weights=hp.procedural_class_weights,
+                                                       symmetric_classes=hp.procedural_symmetric_classes)
             if hp.synthetic == "inverted" and self.validation_pool is None:
                 self.validation_pool = self._invert_shapes(len(self.val_latents), seed=1234)
             rank_zero_info(f"Inverted {hp.procedural_pool_size} procedural images through the teacher "
@@ -343,10 +359,12 @@ class DataFreeDistillation(L.LightningModule):
         rank_zero_info("Student initialised from the teacher, zipped to its width on the inverted pool")
 
     def _invert_shapes(self, count: int, seed: Optional[int] = None,
-                       class_weights: Optional[list[int]] = None) -> torch.Tensor:
+                       class_weights: Optional[list[int]] = None,
+                       symmetric_classes: Optional[list[int]] = None) -> torch.Tensor:
         """`count` dead-leaves shapes inverted through the teacher, in chunks of
         `procedural_inversion_batch` (each chunk one BatchNorm-statistics batch, classes
-        balanced within it, or dealt by `class_weights`). With `seed`, the same images every
+        balanced within it, or dealt by `class_weights`; those dealt to `symmetric_classes`
+        mirror symmetric). With `seed`, the same images every
         time (the validation pool), whatever the global random state."""
         hp = self.hparams
         bn_stats = BatchNormStatistics(self.teacher)
@@ -368,7 +386,8 @@ class DataFreeDistillation(L.LightningModule):
                     chunks.append(invert_toward_classes(self.procedural.pixels(n), self.teacher, self.procedural.adapter,
                                                         self.teacher_meta["num_classes"], hp.procedural_inversion_steps,
                                                         bn_stats=bn_stats if bn_stats.layers else None,
-                                                        class_weights=class_weights))
+                                                        class_weights=class_weights,
+                                                        symmetric_classes=symmetric_classes))
                     bar.update(n)
         bn_stats.remove()
         return torch.cat(chunks)

@@ -5,7 +5,8 @@ import torch
 
 from dafl.errors import ConfigError
 from dafl.losses import BatchNormStatistics
-from dafl.procedural import ProceduralShapes, class_cycle, dead_leaves, invert_toward_classes
+from dafl.procedural import (ProceduralShapes, class_cycle, dead_leaves, invert_toward_classes, mirror_left_half,
+                             mirror_symmetric)
 from dafl.weights import load_classifier
 from lightning_modules.data_free import DataFreeDistillation
 
@@ -213,6 +214,65 @@ def test_procedural_class_weights_are_checked(digits_teacher):
                                  procedural_inversion_steps=3, procedural_class_weights=bad, **FAST)
     with pytest.raises(ConfigError, match="procedural_class_weights weights the inverted pool"):
         DataFreeDistillation(teacher=teacher, schedule="alternating", procedural_class_weights=[1] * 10, **FAST)
+
+
+@pytest.mark.parametrize("width", [6, 7])
+def test_mirror_helpers_make_only_the_marked_images_symmetric(width):
+    torch.manual_seed(0)
+    pixels = torch.rand(4, 1, 5, width)
+    marked = torch.tensor([True, False, True, False])
+    mirrored = mirror_left_half(pixels, marked)
+    assert torch.equal(mirrored[marked], mirrored[marked].flip(-1))
+    assert torch.equal(mirrored[~marked], pixels[~marked])
+    assert torch.equal(mirrored[..., :width // 2 + width % 2], pixels[..., :width // 2 + width % 2])  # left half (and middle) kept
+    averaged = mirror_symmetric(pixels, marked)
+    assert torch.equal(averaged[marked], averaged[marked].flip(-1))
+    assert torch.equal(averaged[~marked], pixels[~marked])
+    assert torch.allclose(averaged[marked].sum((-1, -2)), pixels[marked].sum((-1, -2)))  # an average, not a crop
+    nothing = torch.zeros(4, dtype=torch.bool)
+    assert torch.equal(mirror_left_half(pixels, nothing), pixels) and mirror_symmetric(pixels, nothing) is pixels
+
+
+def test_inversion_keeps_the_symmetric_classes_images_symmetric(digits_teacher):
+    teacher, meta = load_classifier(str(digits_teacher[0]))
+    teacher.eval().requires_grad_(False)
+    shapes = ProceduralShapes(meta["native_size"], meta["image_size"], meta["mean"], meta["std"])
+    torch.manual_seed(0)
+    inverted = invert_toward_classes(shapes.pixels(40), teacher, shapes.adapter, 10, steps=30, lr=0.05,
+                                     symmetric_classes=[0, 8])
+    dealt = torch.arange(40) % 10
+    # the digits' 8 px are resized to the teacher's 32 (bilinear), symmetric up to rounding
+    symmetric = torch.tensor([torch.allclose(x, x.flip(-1), atol=1e-5) for x in inverted])
+    assert symmetric.tolist() == [int(c) in (0, 8) for c in dealt]  # those dealt to 0 and 8; no other
+    assert (teacher(inverted).argmax(1) == dealt).float().mean() > 0.8  # and still moved toward their classes
+
+
+def test_procedural_symmetric_classes_shape_the_training_pool_only(digits_teacher, monkeypatch):
+    import lightning_modules.data_free as data_free
+    asked = []
+
+    def recording(pixels, *args, symmetric_classes=None, **kwargs):
+        asked.append(symmetric_classes)
+        return invert_toward_classes(pixels, *args, symmetric_classes=symmetric_classes, **kwargs)
+
+    monkeypatch.setattr(data_free, "invert_toward_classes", recording)
+    model = DataFreeDistillation(teacher=str(digits_teacher[0]), schedule="alternating", synthetic="inverted",
+                                 procedural_inversion_steps=1, procedural_pool_size=40,
+                                 procedural_symmetric_classes=[0, 8], **FAST)
+    model.on_train_epoch_start()
+    assert asked == [[0, 8], None]  # the held-out validation pool stays as it is
+    pool = model.procedural_pool
+    assert all(torch.allclose(pool[i], pool[i].flip(-1), atol=1e-5) for i in range(0, 40, 10))  # dealt to class 0
+
+
+def test_procedural_symmetric_classes_are_checked(digits_teacher):
+    teacher = str(digits_teacher[0])
+    for bad in ([10], [-1], [0, 0], [1.5]):
+        with pytest.raises(ConfigError, match="procedural_symmetric_classes must be distinct class indices in"):
+            DataFreeDistillation(teacher=teacher, schedule="alternating", synthetic="inverted",
+                                 procedural_inversion_steps=3, procedural_symmetric_classes=bad, **FAST)
+    with pytest.raises(ConfigError, match="procedural_symmetric_classes shapes the inverted pool"):
+        DataFreeDistillation(teacher=teacher, schedule="alternating", procedural_symmetric_classes=[0], **FAST)
 
 
 @pytest.mark.parametrize("synthetic,fraction", [("inverted", 0.0), ("gaussian", 0.25)])

@@ -83,6 +83,7 @@ p.add_argument("--logit_mse", type=int, default=0)  # 1: the student regresses t
 p.add_argument("--opt", default="sgd", choices=["sgd", "adamw"])  # sgd (momentum 0.9) | adamw (betas 0.9, 0.999; --wd is decoupled)
 p.add_argument("--upweight", default="")           # e.g. "0,2,4,6": these classes appear --upweight_factor times as often among the inversion targets
 p.add_argument("--upweight_factor", type=int, default=2)
+p.add_argument("--sym_classes", default="")      # e.g. "0,1,2,3,4,6,8": images inverted toward these classes stay left-right mirror symmetric (start and every step)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--eval_every", type=int, default=1000)
@@ -221,6 +222,9 @@ upweighted = {int(c) for c in a.upweight.split(",") if c}
 target_cycle = class_cycle(n_cls, [a.upweight_factor if c in upweighted else 1 for c in range(n_cls)])
 
 
+symmetric_classes = {int(c) for c in a.sym_classes.split(",") if c}
+
+
 def soft_targets(n):
     hard = target_cycle[torch.arange(n) % len(target_cycle)]
     targets = F.one_hot(hard, n_cls).float()
@@ -273,14 +277,19 @@ def invert(n, student=None):
         pixels[n - h:] = pixels[:h]
         twin_cls = torch.multinomial(partner_probs[targets[:h].argmax(1)], 1).squeeze(1)
         targets[n - h:] = F.one_hot(twin_cls, n_cls).float()
+    sym = torch.tensor([int(c) in symmetric_classes for c in targets.argmax(1).tolist()]).view(-1, 1, 1, 1)
+    if sym.any():  # the left half mirrored onto the right: a symmetric silhouette to start from
+        half = size // 2
+        pixels[..., half:] = torch.where(sym, pixels[..., :half].flip(3), pixels[..., half:])
     pixels.requires_grad_()
+    symmetric = lambda p_: torch.where(sym, (p_ + p_.flip(3)) / 2, p_) if sym.any() else p_  # keeps gradients and steps symmetric
     opt = torch.optim.Adam([pixels], lr=a.inv_lr)
     snap_at, snaps = {int(k) for k in a.snap.split(",") if k}, []
     for k in range(a.inv_steps):
         if k in snap_at: snaps.append(adapter(pixels.detach().clone()))
         loss = 0.0
         for _view in range(a.eot):
-            x = adapter(pixels)
+            x = adapter(symmetric(pixels))
             if a.jitter:
                 dx, dy = torch.randint(-a.jitter, a.jitter + 1, (2,)).tolist()
                 x = torch.roll(x, (dy, dx), (2, 3))
@@ -308,7 +317,7 @@ def invert(n, student=None):
             loss = loss + a.l1 * pixels.mean()
         opt.zero_grad(); loss.backward(); opt.step()
         with torch.no_grad(): pixels.clamp_(0, 1)
-    return torch.cat(snaps + [adapter(pixels.detach())])
+    return torch.cat(snaps + [adapter(symmetric(pixels.detach()))])
 
 
 S = build_model(a.s_arch, in_channels=1, num_classes=n_cls, image_size=meta["image_size"])
