@@ -60,7 +60,7 @@ def test_the_2x_preset_is_the_default_with_only_its_budget_doubled():
     assert long == {**default, **{key: 2 * default[key] for key in doubled}}
 
 
-def test_the_fast_preset_is_the_default_at_a_quarter_budget_with_its_two_switches():
+def test_the_fast_preset_is_the_default_at_a_quarter_budget_with_its_three_switches():
     import yaml
 
     default = _leaves(yaml.safe_load((REPO / "configs/default.yaml").read_text()))
@@ -68,7 +68,8 @@ def test_the_fast_preset_is_the_default_at_a_quarter_budget_with_its_two_switche
     quartered = ("trainer.max_epochs", "model.init_args.procedural_pool_size")
     assert fast == {**default, **{key: default[key] // 4 for key in quartered},
                     "model.init_args.student_init": "zip_teacher",
-                    "model.init_args.procedural_class_weights": [2, 1, 2, 1, 2, 1, 2, 1, 1, 1]}
+                    "model.init_args.procedural_class_weights": [2, 1, 2, 1, 2, 1, 2, 1, 1, 1],
+                    "model.init_args.procedural_symmetric_classes": [0, 1, 2, 3, 4, 6, 8]}
 
 
 def test_stacked_configs_override_the_earlier_ones(run_cli, tmp_path):
