@@ -123,6 +123,7 @@ def test_corrupt_teacher_file(run_cli, tmp_path):
     ("--model.cutmix_prob", "1.5", "cutmix_prob must be in [0, 1]"),
     ("--model.student_arch", "lenet9", "unknown architecture"),
     ("--data.eval_dataset", "svhn", "unknown dataset"),
+    ("--model.procedural_symmetric_classes", "[0,10]", "procedural_symmetric_classes must be distinct class indices"),
 ])
 def test_bad_hyperparameters(run_cli, tmp_path, flag, value, message):
     assert message in one_line_error(run_cli("fit", flag, value, "--run_dir", tmp_path / "r"))
