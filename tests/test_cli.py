@@ -72,6 +72,15 @@ def test_the_fast_preset_is_the_default_at_a_quarter_budget_with_its_three_switc
                     "model.init_args.procedural_symmetric_classes": [0, 1, 2, 3, 4, 6, 8]}
 
 
+def test_the_fast_long_preset_is_the_fast_preset_at_twice_its_budget():
+    import yaml
+
+    fast = _leaves(yaml.safe_load((REPO / "configs/fashion_mnist/fast.yaml").read_text()))
+    long = _leaves(yaml.safe_load((REPO / "configs/fashion_mnist/fast_long.yaml").read_text()))
+    doubled = ("trainer.max_epochs", "model.init_args.procedural_pool_size")
+    assert long == {**fast, **{key: 2 * fast[key] for key in doubled}}
+
+
 def test_stacked_configs_override_the_earlier_ones(run_cli, tmp_path):
     # README: a file with only the changed values, after the preset it changes.
     changes = tmp_path / "bigger_pool.yaml"
