@@ -15,7 +15,7 @@ import torch, torch.nn.functional as F
 from dafl.weights import load_classifier
 from dafl.models import build_model
 from dafl.datasets import load_split, InputAdapter
-from dafl.procedural import class_cycle, dead_leaves
+from dafl.procedural import class_cycle, dead_leaves, mirror_left_half, mirror_symmetric
 from dafl.losses import BatchNormStatistics, batchnorm_statistics_loss, kd_loss
 from lightning_modules.student import mixup, cutmix
 import bn_head  # noqa: F401  registers lenet5_bn_head (tenth round), for --teacher files of that architecture
@@ -277,12 +277,10 @@ def invert(n, student=None):
         pixels[n - h:] = pixels[:h]
         twin_cls = torch.multinomial(partner_probs[targets[:h].argmax(1)], 1).squeeze(1)
         targets[n - h:] = F.one_hot(twin_cls, n_cls).float()
-    sym = torch.tensor([int(c) in symmetric_classes for c in targets.argmax(1).tolist()]).view(-1, 1, 1, 1)
-    if sym.any():  # the left half mirrored onto the right: a symmetric silhouette to start from
-        half = size // 2
-        pixels[..., half:] = torch.where(sym, pixels[..., :half].flip(3), pixels[..., half:])
+    sym = torch.tensor([int(c) in symmetric_classes for c in targets.argmax(1).tolist()])
+    pixels = mirror_left_half(pixels, sym)  # the product's helpers: a symmetric start, kept symmetric by every step
     pixels.requires_grad_()
-    symmetric = lambda p_: torch.where(sym, (p_ + p_.flip(3)) / 2, p_) if sym.any() else p_  # keeps gradients and steps symmetric
+    symmetric = lambda p_: mirror_symmetric(p_, sym)
     opt = torch.optim.Adam([pixels], lr=a.inv_lr)
     snap_at, snaps = {int(k) for k in a.snap.split(",") if k}, []
     for k in range(a.inv_steps):
