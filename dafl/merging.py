@@ -15,17 +15,16 @@ import csv
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
 
 import torch
-import yaml
 
 from dafl.datasets import InputAdapter, dataset_info, load_split
-from dafl.errors import ConfigError
+from dafl.errors import ConfigError, OneLineParser, read_yaml_mapping
 from dafl.weights import load_classifier, resolve, save_classifier
 from dafl.zipit import ZippedClassifier, build_zipped, feature_correlations, max_depth, reset_batchnorm
 
-DEFAULTS = {"merge_images": 2048, "alpha": 0.3, "beta": 0.125, "sources": ["real", "generator"], "seed": 0,
+DEFAULTS = {"merge_images": 2048, "alpha": 0.3, "beta": 0.125, "same_index_tiebreak": False,
+            "sources": ["real", "generator"], "seed": 0,
             "generator": {"iterations": 300, "batch_size": 256, "width": 32, "lr": 1e-3}, "outputs": []}
 
 
@@ -42,6 +41,13 @@ def load_teachers(paths: list[str]) -> tuple[list[torch.nn.Module], list[dict], 
                 raise ConfigError(f"{path} has {key}={meta.get(key)}, {paths[0]} has {first.get(key)}: "
                                   "teachers must share architecture, input shape and dataset")
     class_lists = [list(m.get("classes") or range(m["num_classes"])) for m in metas]
+    seen: dict[int, str] = {}
+    for path, classes in zip(paths, class_lists):
+        for c in classes:
+            if c in seen:
+                raise ConfigError(f"class {c} is in both {seen[c]} and {path}: teachers to merge must know "
+                                  "different classes")
+            seen[c] = path
     for teacher in teachers:
         teacher.eval().requires_grad_(False)
     return list(teachers), list(metas), class_lists
@@ -96,7 +102,7 @@ def variants(depth_max: int) -> list[tuple[str, str, int]]:
 def merge(teachers, class_lists, meta, method: str, depth: int, correlations, images: torch.Tensor, cfg: dict
           ) -> ZippedClassifier:
     zipped = build_zipped(teachers, class_lists, meta["arch"], depth, method, correlations, cfg["alpha"], cfg["beta"],
-                          meta["in_channels"], meta["image_size"])
+                          meta["in_channels"], meta["image_size"], same_index_tiebreak=bool(cfg["same_index_tiebreak"]))
     batches = images.split(256)
     reset_batchnorm(zipped, batches)
     zipped.calibrate_heads(batches)
@@ -104,8 +110,8 @@ def merge(teachers, class_lists, meta, method: str, depth: int, correlations, im
 
 
 def zip_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dafl zip", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m dafl zip", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/fashion_mnist/zipit.yaml", help="zip YAML")
     parser.add_argument("--out", default=None, help="output folder (default runs/zip_<config name>)")
     parser.add_argument("--sources", default=None, help="comma-separated subset of: real, generator")
@@ -115,8 +121,11 @@ def zip_main(argv: list[str]) -> None:
     config_path = resolve(opts.config)
     if not config_path.is_file():
         raise ConfigError(f"zip config not found: {opts.config}")
-    cfg = {**DEFAULTS, **(yaml.safe_load(config_path.read_text()) or {})}
-    cfg["generator"] = {**DEFAULTS["generator"], **cfg.get("generator", {})}
+    cfg = {**DEFAULTS, **read_yaml_mapping(config_path, "zip config")}
+    if not isinstance(cfg["generator"], dict) or not isinstance(cfg["outputs"], list) \
+            or not isinstance(cfg.get("teachers", []), list):
+        raise ConfigError(f"{opts.config}: generator must be a mapping, outputs and teachers lists")
+    cfg["generator"] = {**DEFAULTS["generator"], **cfg["generator"]}
     cfg["_config_name"] = opts.config
     if "teachers" not in cfg:
         raise ConfigError(f"{opts.config} lacks teachers")
@@ -124,9 +133,14 @@ def zip_main(argv: list[str]) -> None:
     unknown = set(sources) - {"real", "generator"}
     if unknown or not sources:
         raise ConfigError(f"unknown image source(s) {sorted(unknown)}; use real, generator")
-    for number, key in ((cfg["merge_images"], "merge_images"), (cfg["generator"]["iterations"], "generator.iterations")):
-        if int(number) <= 0:
-            raise ConfigError(f"{key} must be positive, got {number}")
+    for key, group in (("merge_images", cfg), ("seed", cfg), ("iterations", cfg["generator"]),
+                       ("batch_size", cfg["generator"]), ("width", cfg["generator"])):
+        value = group[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "seed" else 1):
+            raise ConfigError(f"{key} must be a whole number{'' if key == 'seed' else ' >= 1'}, got {value!r}")
+    for key in ("alpha", "beta"):
+        if not isinstance(cfg[key], (int, float)) or not 0 <= cfg[key] <= 1:
+            raise ConfigError(f"{key} must be a number in [0, 1], got {cfg[key]!r}")
     for spec in cfg["outputs"]:
         if spec.get("method", "zipit") not in ("zipit", "permutation", "average", "ensemble") or \
                 spec.get("source", "generator") not in ("real", "generator"):
@@ -138,6 +152,12 @@ def zip_main(argv: list[str]) -> None:
         raise ConfigError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace, or --out elsewhere")
     teachers, metas, class_lists = load_teachers(cfg["teachers"])
     meta = metas[0]
+    depth_max = max_depth(teachers[0])
+    for spec in cfg["outputs"]:  # checked before any merging: a bad depth fails in seconds
+        depth = spec.get("depth", "full")
+        if depth not in ("full", "ensemble") and not (isinstance(depth, int) and 0 <= depth <= depth_max):
+            raise ConfigError(f"output depth {depth!r} is not full, ensemble or a whole number in 0..{depth_max} "
+                              f"({meta['arch']} has {depth_max} mergeable layers)")
     info = dataset_info(meta["dataset"])
     test = load_split(meta["dataset"], "test")
     adapter = InputAdapter(meta["native_size"], meta["image_size"], meta["mean"], meta["std"])
@@ -146,7 +166,6 @@ def zip_main(argv: list[str]) -> None:
 
     from tqdm import tqdm
 
-    depth_max = max_depth(teachers[0])
     rows, merged_models = [], {}
     for k, (teacher, classes) in enumerate(zip(teachers, class_lists)):
         rows.append({"source": "-", "method": f"teacher {k + 1} alone (classes {classes[0]}-{classes[-1]})",

@@ -68,21 +68,52 @@ def resolve(path: str | Path) -> Path:
     return REPO_ROOT / path
 
 
-def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _check_local_file(path: str | Path, what: str) -> Path:
+    """`path` as a local file that exists, or a one-line ConfigError. URLs are refused:
+    a remote file cannot be checked before it is loaded."""
+    if "://" in str(path):
+        raise ConfigError(f"{what} must be a local file, got the URL {path}: download it first "
+                          "(files from elsewhere are loaded only as plain weights, never fetched)")
     path = resolve(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder, not a file")
     if not path.is_file():
-        raise ConfigError(f"weights file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
+    return path
+
+
+def _torch_load(path: Path, what: str) -> Any:
+    """torch.load with weights_only=True: tensors and plain containers only, so a crafted
+    pickle cannot run code."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = first_line(e)
+        if reason.startswith("Weights only load failed"):  # torch's paragraph: keep its gist
+            reason = "it holds objects other than tensors, or is not a PyTorch file at all"
+        raise ConfigError(f"refusing to load {what} {path}: not a plain weights file ({reason})") from None
+    except Exception as e:  # noqa: BLE001 - whatever a corrupt file raises, it is the user's bad input
+        raise ConfigError(f"{what} {path} is not a readable PyTorch file: {first_line(e)}") from None
+
+
+def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+    """A Lightning checkpoint (a dict with a `state_dict`), loaded safely: a local file
+    only, `torch.load(weights_only=True)`. Every checkpoint dafl reads goes through here."""
+    path = _check_local_file(path, what)
+    ckpt = _torch_load(path, what)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ConfigError(f"{what} {path} is not a Lightning checkpoint (no state_dict)")
+    return ckpt
+
+
+def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    path = _check_local_file(path, "weights file")
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path)), read_metadata(path)
         except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, JSON errors...
             raise ConfigError(f"{path} is not a readable safetensors file: {first_line(e)}") from None
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ConfigError(f"refusing to load {path}: it is not a plain weights file ({first_line(e)})") from None
-    except Exception as e:  # noqa: BLE001 - whatever a corrupt file raises, it is the user's bad input
-        raise ConfigError(f"{path} is not a readable PyTorch weights file: {first_line(e)}") from None
+    obj = _torch_load(path, "weights file")
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         # A Lightning checkpoint of ClassifierModule: its network lives under "net.".
         obj = {k[len("net."):]: v for k, v in obj["state_dict"].items() if k.startswith("net.")}

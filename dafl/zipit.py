@@ -214,41 +214,62 @@ def _same_index_bonus(total: int, n_models: int) -> torch.Tensor:
 
 
 def zip_match(corr: torch.Tensor, n_models: int, alpha: float = 0.3, beta: float = 0.125,
-              target: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy ZipIt matching of nC features down to C: repeatedly merge the most correlated
-    pair of groups, across models or within one; the merged group's similarities become the
-    elementwise minimum of the pair's, times `alpha` (so big groups grow reluctantly). Each
-    model may make at most int(beta * C / n) within-model merges (the official budget)."""
+              target: Optional[int] = None, same_index_tiebreak: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy ZipIt! matching (Stoica et al. 2024, the official `match_tensors_zipit` rules)
+    of n x C features down to `target` (default C): repeatedly merge the most correlated pair
+    of groups, across models or within one.
+
+    - A merged group's similarities are the elementwise minimum of its two members', times
+      `alpha`; with `alpha` 0 they are not scaled, but the group may no longer merge with any
+      feature of its two members' models.
+    - A group carries the model label of its lowest-index member, so a cross-model group
+      (A_i, B_j) counts as A's: merging another A feature into it is a within-A merge.
+    - Each model starts with a budget of int((removed // n) * beta) within-model merges,
+      removed = n x C - target. A within-model merge spends one, and only then, when the
+      budget is spent (<= 0), are that model's within merges blocked: a budget of 0 still
+      allows one.
+
+    `same_index_tiebreak` adds 1e-6 where features of different models share an index, so
+    exact ties (dead units, correlation 1) pair like weight averaging (off in the official
+    code)."""
+    if not 0 <= alpha <= 1 or not 0 <= beta <= 1:
+        raise ConfigError(f"ZipIt alpha and beta must lie in [0, 1], got alpha {alpha}, beta {beta}")
     total = corr.shape[0]
     if total % n_models:
         raise ConfigError(f"{total} features do not split over {n_models} models")
     size = total // n_models
-    sim = corr.clone().double() + _same_index_bonus(total, n_models)
-    sim.fill_diagonal_(float("-inf"))
-    origin = torch.arange(total) // size  # model of each group, -1 once it spans models
     keep = target or size  # merged features left at the end (one model's width by default)
-    budget = [int(beta * (total - keep) / n_models + 1e-9)] * n_models
-    within = lambda k: (origin == k)[:, None] & (origin == k)[None, :]  # noqa: E731
-    for k in range(n_models):
-        if budget[k] <= 0:
-            sim[within(k)] = float("-inf")
+    sim = corr.detach().to("cpu", torch.float64).clone()
+    if same_index_tiebreak:
+        sim += _same_index_bonus(total, n_models)
+    sim.fill_diagonal_(float("-inf"))
+    label = torch.arange(total) // size  # each group's model: that of its lowest-index member
+    alive = torch.ones(total, dtype=torch.bool)
+    budget = [int((total - keep) // n_models * beta + 1e-4)] * n_models
     groups: dict[int, list[int]] = {i: [i] for i in range(total)}  # row index -> member features
     while len(groups) > keep:
+        if sim.max() == float("-inf"):
+            raise ConfigError(f"ZipIt cannot reach {keep} features: alpha {alpha} / beta {beta} block every "
+                              "remaining merge")
         i, j = divmod(int(sim.argmax()), total)
         i, j = min(i, j), max(i, j)
-        same_model = bool(origin[i] == origin[j]) and int(origin[i]) >= 0
+        label_i, label_j = int(label[i]), int(label[j])
         groups[i] += groups.pop(j)
-        row = torch.minimum(sim[i], sim[j]) * alpha
+        row = torch.minimum(sim[i], sim[j])
+        if alpha > 0:
+            row = row * alpha
+        else:  # no scaling: instead the group never meets its members' models again
+            row[alive & ((label == label_i) | (label == label_j))] = float("-inf")
         sim[i, :], sim[:, i] = row, row
         sim[i, i] = float("-inf")
         sim[j, :], sim[:, j] = float("-inf"), float("-inf")  # row j is gone
-        if not same_model:
-            origin[i] = -1
-        else:
-            budget[int(origin[i])] -= 1
-            if budget[int(origin[i])] <= 0:
-                sim[within(int(origin[i]))] = float("-inf")
-        origin[j] = -2  # matches no model any more
+        alive[j] = False
+        if label_i == label_j:
+            budget[label_i] -= 1
+            if budget[label_i] <= 0:
+                own = alive & (label == label_i)
+                sim[own[:, None] & own[None, :]] = float("-inf")
     groups = [groups[r] for r in sorted(groups)]
     return groups_to_matrices(groups, total)
 
@@ -260,7 +281,7 @@ def permutation_match(corr: torch.Tensor, n_models: int) -> tuple[torch.Tensor, 
 
     size = corr.shape[0] // n_models
     groups = [[i] for i in range(size)]
-    sim = corr.double() + _same_index_bonus(corr.shape[0], n_models)
+    sim = corr.detach().to("cpu", torch.float64) + _same_index_bonus(corr.shape[0], n_models)
     for k in range(1, n_models):
         block = sim[:size, k * size:(k + 1) * size].numpy()
         rows, cols = linear_sum_assignment(block, maximize=True)
@@ -462,7 +483,7 @@ class ZippedClassifier(nn.Module):
 def build_zipped(models: list[nn.Module], class_lists: list[list[int]], base_arch: str, depth: int,
                  method: str = "zipit", correlations: Optional[dict[str, torch.Tensor]] = None,
                  alpha: float = 0.3, beta: float = 0.125, in_channels: int = 1, image_size: int = 32,
-                 num_classes: Optional[int] = None) -> ZippedClassifier:
+                 num_classes: Optional[int] = None, same_index_tiebreak: bool = False) -> ZippedClassifier:
     """Merge `models` (same architecture; model k classifies `class_lists[k]`) with
     `method` ('zipit', 'permutation' or 'average') up to `depth` blocks. BatchNorm
     statistics and head calibration are left to the caller (`reset_batchnorm`,
@@ -480,7 +501,7 @@ def build_zipped(models: list[nn.Module], class_lists: list[list[int]], base_arc
     for space in merged_spaces:
         corr = correlations[space]
         if method == "zipit":
-            matches[space] = zip_match(corr, len(models), alpha, beta)
+            matches[space] = zip_match(corr, len(models), alpha, beta, same_index_tiebreak=same_index_tiebreak)
         else:
             matches[space] = MATCHERS[method](corr, len(models))
     if depth:

@@ -3,6 +3,7 @@
 training data (set `teacher`)."""
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 import lightning as L
@@ -22,9 +23,12 @@ def check_optimizer(factory: Optional[OptimizerCallable], name: str) -> Optional
     before anything is trained or written."""
     if factory is not None:
         try:
-            factory([torch.nn.Parameter(torch.zeros(1))])
+            optimizer = factory([torch.nn.Parameter(torch.zeros(1))])
         except ValueError as e:  # torch's own checks: "Invalid learning rate: -0.1", ...
             raise ConfigError(f"{name}: {e}") from None
+        for key, value in optimizer.defaults.items():  # torch lets NaN and inf through
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name}: {key} must be a finite number, got {value}")
     return factory
 
 

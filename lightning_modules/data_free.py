@@ -14,7 +14,7 @@ fixed pool of dead-leaves shapes inverted through the teacher (`dafl.procedural`
 from __future__ import annotations
 
 import contextlib
-import math
+import os
 import time
 from typing import Literal, Optional
 
@@ -34,6 +34,14 @@ from dafl.weights import load_classifier
 from lightning_modules.classifier import check_optimizer
 from lightning_modules.generator import GeneratorObjective
 from lightning_modules.student import ReplayMemory, StudentObjective
+
+
+def physical_memory_bytes() -> int:
+    """This machine's memory in bytes (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 class DataFreeDistillation(L.LightningModule):
@@ -87,85 +95,70 @@ class DataFreeDistillation(L.LightningModule):
     ):
         """
         Args:
-            teacher: weights of the trained classifier (safetensors with metadata, or a state dict).
-            teacher_arch: architecture, if the weights file does not name it.
-            student_arch: registered architecture of the student.
-            student_init: 'random' (the architecture's own initialisation) or 'zip_teacher':
-                once the inverted pool is built, the student's weights become the teacher's,
-                BatchNorm folded and each layer zipped to the student's width (ZipIt! within one
-                network; correlations on the pool, no real data; `dafl.student_init`). LeNet-5
-                teacher and student (no BatchNorm in the student); needs the inverted pool
-                (`procedural_inversion_steps` > 0). Not redone when a run resumes. Far ahead early,
-                level with 'random' at the default's budget (benchmarks/accuracy.md, `zip_teacher`).
-            generator_arch: 'dafl' (the official generator: normalised output at the network's
-                input size) or 'native' (sigmoid pixels at the dataset's native size, passed
-                through the same padding and normalisation as real inputs; needs a teacher
-                file with that metadata).
+            teacher: weights file of the trained classifier (safetensors with dafl metadata, or a state dict).
+            teacher_arch: registered architecture of the teacher, if its weights file does not name it.
+            student_arch: registered architecture of the student (`python -m dafl models`).
+            student_init: 'random' (the architecture's own initialisation) or 'zip_teacher' (the
+                teacher's weights, BatchNorm folded, zipped to the student's width on the inverted pool).
+                'zip_teacher' needs LeNet-5 teacher and student and the inverted pool; it is not redone
+                when a run resumes.
+            latent_dim: size of the generator's latent vector.
+            generator_arch: 'dafl' (the official generator, normalised output at the network's input
+                size) or 'native' (pixels in [0, 1] at the teacher's native size, padded and normalised
+                like real inputs).
             generator_width: channels of the generator's first conv block (official 128).
-            batch_size: synthetic images per generator / student step.
-            one_hot_weight, activation_weight, entropy_weight: the DAFL loss weights (oh, a, ie).
+            batch_size: synthetic images per generator or student step.
+            schedule: 'official' (one combined backward of generator and student losses per iteration)
+                or 'alternating' (generator_steps generator updates, then student_steps student updates).
+            synthetic: where student images come from: 'generator' (DAFL), 'gaussian' (noise) or
+                'inverted' (only the inverted pool; no generator is trained).
+            generator_steps: generator updates per iteration with the 'alternating' schedule.
+            student_steps: student updates per iteration with the 'alternating' schedule.
+            one_hot_weight: weight of DAFL's one-hot loss (cross-entropy against the teacher's arg-max).
+            activation_weight: weight of DAFL's activation loss (-mean |penultimate features|).
+            entropy_weight: weight of DAFL's information-entropy loss (class balance over a batch).
             entropy_log_base: logarithm base of the information-entropy loss (official: 10).
-            bn_stat_weight: DeepInversion BatchNorm-statistics loss (needs a BN teacher).
-            adversarial_weight: DFAD term, the generator maximises student-teacher L1 gap.
-            diversity_weight: mode-seeking term: different latents must give different images.
-            synthetic: where student images come from: the DAFL generator; Gaussian noise
-                (the paper's "normal distribution" baseline); or 'inverted': only the pool of
-                `procedural_pool_size` shapes inverted through the teacher (needs
-                `procedural_inversion_steps` > 0; validation uses `val_size` more, held out).
-                No generator is trained for the last two.
-            native_padding: synthetic images keep the constant border that real inputs get when
-                padded from the teacher's native size (e.g. 28 -> 32 for Fashion-MNIST).
-            class_conditional: the generator gets a one-hot class code in its latent and the
-                one-hot loss asks for that class (balanced classes by construction).
-            balanced_one_hot: the one-hot loss aims each batch at a class quota (every class
-                n/classes images, assigned by the teacher's probabilities) instead of the
-                arg-max: the generator is pushed towards classes it rarely produces.
-            replay_size: images kept from earlier generator batches; student steps sample from
-                them (0: students train on fresh generator samples).
-            augment_shift, augment_flip: augmentation of the student's synthetic batches.
-            mixup_alpha: blend each student image with another of its batch, weight ~
-                Beta(alpha, alpha); the teacher labels the blend (0: off).
-            cutmix_prob: probability that a student batch gets CutMix (a box of a partner
-                image pasted in; the teacher labels the result) instead of mixup (0: off).
-            procedural_fraction: share of each student batch replaced by procedural "dead
-                leaves" images (random ellipses and rectangles, `dafl.procedural`; the teacher
-                labels them) before mixup / CutMix (0: off). Needs a teacher file with
-                native_size/mean/std metadata.
-            procedural_shapes, procedural_scale: shapes per procedural image, and their size
-                (half-axes 0.1-0.7 of the half-frame, times this).
-            procedural_inversion_steps: if > 0, the procedural images come from a fixed pool of
-                `procedural_pool_size` shapes, each moved by this many Adam steps on its pixels
-                until the teacher sees it as an assigned class (balanced) with real-data
-                BatchNorm statistics (`dafl.procedural.invert_toward_classes`); built once, in
-                the first epoch (again on resume). 0: fresh plain shapes for every batch.
-            procedural_inversion_batch: shapes inverted together, i.e. the batch whose
-                statistics must match the teacher's BatchNorm statistics (classes balanced
-                within it). It changes the images, not only the speed. The default preset
-                uses 512: +0.23 over 1,024 on 4 seeds, within noise (benchmarks/accuracy.md;
-                the sizes tried in research round 12: benchmarks/explore/README.md).
-            procedural_class_weights: one whole number >= 1 per class: how often each class is
-                an inversion target relative to the others, in the training pool only (the
-                held-out validation pool stays balanced, so `val/agreement` is comparable
-                across settings). None: balanced. E.g. [2, 1, 2, 1, 2, 1, 2, 1, 1, 1] doubles
-                Fashion-MNIST's four upper-body garments, where students err most (research
-                round 17: benchmarks/explore/README.md).
-            procedural_symmetric_classes: classes whose inverted images start and stay
-                left-right mirror symmetric, in the training pool only (the validation pool
-                stays as it is, like the class weights'). A prior for classes whose real
-                images are symmetric: for Fashion-MNIST [0, 1, 2, 3, 4, 6, 8] (garments and
-                bags, not the shoes, which all face left). None: no constraint (research
-                round 19: benchmarks/explore/README.md).
-            student_lr_warmup: iterations over which the student's learning rate rises
-                linearly from lr/warmup to lr (multiplies the schedule). The first generator
-                images are noise; a full learning rate on them can kill the student's ReLUs
-                for good (measured: mnist-5k at SGD 0.1 stuck at 10% without it).
-            val_size: synthetic images from a fixed held-out latent bank for the label-free
-                validation signal `val/agreement` (student-teacher top-1 agreement).
-            channels_last, compile: speed settings that do not change the method: NHWC memory
-                format for every network; `torch.compile` of generator, teacher and student,
-                in place (state-dict keys unchanged). bf16 is the Trainer's `precision`.
-            finite_check_every: check the losses for NaN/inf every this many steps (a check
-                waits for the device; a NaN persists, so a later check still catches it).
+            bn_stat_weight: weight of DeepInversion's BatchNorm-statistics loss (needs a BatchNorm teacher).
+            adversarial_weight: weight of the DFAD term: the generator maximises the student-teacher L1 gap.
+            diversity_weight: weight of a mode-seeking term: different latents must give different images.
+            kd_temperature: temperature of the student's KD loss.
+            native_padding: generated images keep the constant border real inputs get when padded
+                from the teacher's native size (e.g. 28 -> 32).
+            class_conditional: the generator gets a one-hot class code and the one-hot loss asks for it.
+            balanced_one_hot: the one-hot loss aims each batch at equal class quotas instead of the arg-max.
+            replay_size: generator images kept for student steps to sample from (0: fresh samples only).
+            augment_shift: random shift, in pixels, of the student's synthetic batches (0: off).
+            augment_flip: random horizontal flip of half of each student batch.
+            mixup_alpha: blend each student image with another of its batch, weight ~ Beta(alpha, alpha);
+                the teacher labels the blend (0: off).
+            cutmix_prob: probability that a student batch gets CutMix instead of mixup (0: off).
+            procedural_fraction: share of each student batch replaced by procedural "dead leaves"
+                shapes, which the teacher labels (0: off).
+            procedural_shapes: shapes per procedural image.
+            procedural_scale: size of the procedural shapes (half-axes 0.1-0.7 of the half-frame, times this).
+            procedural_inversion_steps: Adam steps that move each pool image's pixels until the teacher
+                sees its assigned class with real-data BatchNorm statistics (0: no pool, fresh shapes).
+                The pool is built once, in the first epoch (again on resume).
+            procedural_pool_size: images in the inverted pool the student trains on.
+            procedural_inversion_batch: shapes inverted together: the batch whose statistics must match
+                the teacher's BatchNorm statistics (it changes the images, not only the speed).
+            procedural_class_weights: one whole number >= 1 per class: how often each class is an
+                inversion target in the training pool (None: balanced).
+            procedural_symmetric_classes: classes whose inverted training images start and stay
+                left-right mirror symmetric (None: no constraint).
+            generator_optimizer: the generator's optimizer (default: Adam, lr 0.2, the official MNIST recipe).
+            student_optimizer: the student's optimizer (default: Adam, lr 2e-3, the official MNIST recipe).
+            student_lr_schedule: 'constant', 'cosine' (to zero over the run) or 'multistep'.
+            student_lr_milestones: epochs at which a 'multistep' schedule divides the student's lr by 10.
+            student_lr_warmup: iterations over which the student's lr rises linearly to its value
+                (early generator images are noise; a full lr on them can kill the student's ReLUs).
+            val_size: held-out synthetic images for the label-free validation signal `val/agreement`
+                (student-teacher top-1 agreement).
+            channels_last: NHWC memory format for every network (speed only).
+            compile: `torch.compile` generator, teacher and student in place (speed only; bf16 is the
+                Trainer's `precision`).
+            finite_check_every: check the losses for NaN/inf every this many steps (a check waits for
+                the device; a NaN persists, so a later check still catches it).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["generator_optimizer", "student_optimizer"])
@@ -177,6 +170,7 @@ class DataFreeDistillation(L.LightningModule):
         self.teacher, self.teacher_meta = load_classifier(teacher, arch=teacher_arch)
         self.teacher.eval().requires_grad_(False)
         shape = {k: self.teacher_meta[k] for k in ("in_channels", "num_classes", "image_size")}
+        self._check_memory()
         if procedural_class_weights is not None:
             try:  # checked here, where the teacher's number of classes is known
                 class_cycle(shape["num_classes"], procedural_class_weights)
@@ -234,6 +228,23 @@ class DataFreeDistillation(L.LightningModule):
                               "written by dafl has them)")
         return ProceduralShapes(meta["native_size"], meta["image_size"], meta["mean"], meta["std"],
                                 hp.procedural_shapes, hp.procedural_scale)
+
+    def _check_memory(self):
+        """Sizes that cannot fit in this machine's memory fail now, in one line, not after
+        minutes of work (or an allocator traceback)."""
+        hp, meta = self.hparams, self.teacher_meta
+        image_bytes = 4 * meta["in_channels"] * meta["image_size"] ** 2
+        memory = physical_memory_bytes()
+        # A training batch holds each image's activations too: about 64 images' worth for these networks.
+        needs = {"batch_size": 64 * image_bytes * hp.batch_size, "val_size": image_bytes * hp.val_size,
+                 "replay_size": image_bytes * hp.replay_size,
+                 "procedural_inversion_batch": 64 * image_bytes * hp.procedural_inversion_batch}
+        if hp.synthetic == "inverted" or hp.procedural_inversion_steps:
+            needs["procedural_pool_size"] = image_bytes * hp.procedural_pool_size
+        for name, nbytes in needs.items():
+            if memory and nbytes > memory // 2:
+                raise ConfigError(f"{name} {hp[name]:,} needs about {nbytes / 2**30:,.0f} GiB, more than half of this "
+                                  f"machine's {memory / 2**30:,.0f} GiB of memory")
 
     def _validate_hparams(self):
         hp = self.hparams
@@ -449,7 +460,7 @@ class DataFreeDistillation(L.LightningModule):
         for name, value in losses.items():
             if not torch.isfinite(value):
                 raise FloatingPointError(f"loss {name} became {value.item()} at epoch {self.current_epoch}, "
-                                         f"iteration {self._batch_idx}; the last good checkpoint is kept")
+                                         f"iteration {self._batch_idx}")
 
     # ------------------------------------------------------------------ training
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dafl.models import build_model
+from dafl.errors import ConfigError
 from dafl.zipit import (ZippedClassifier, build_zipped, feature_correlations, groups_to_matrices, max_depth,
                         merge_spec, merge_state, merge_tensor, permutation_match, reset_batchnorm, zip_match)
 
@@ -115,18 +116,73 @@ def test_merged_weights_follow_the_formula_on_hand_made_matrices():
     assert merge_tensor([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])], merge, None).tolist() == [2.5, 2.5]
 
 
-def test_zip_match_merges_within_models_only_within_budget():
-    # Features A0, A1 (model 0) and B0, B1 (model 1). A0~A1 is the strongest pair.
-    corr = torch.tensor([[1.0, 0.9, 0.5, 0.1],
-                         [0.9, 1.0, 0.2, 0.6],
-                         [0.5, 0.2, 1.0, 0.3],
-                         [0.1, 0.6, 0.3, 1.0]], dtype=torch.float64)
-    _, no_budget = zip_match(corr, 2, alpha=0.3, beta=0.0)
-    groups = sorted(tuple(no_budget[:, g].nonzero().flatten().tolist()) for g in range(2))
-    assert groups == [(0, 2), (1, 3)]  # cross-model only: A1-B1 (0.6), then A0-B0 (0.5)
-    _, budget = zip_match(corr, 2, alpha=0.3, beta=2.0)
-    groups = sorted(tuple(budget[:, g].nonzero().flatten().tolist()) for g in range(2))
-    assert groups == [(0, 1), (2, 3)]  # within-model allowed: A0-A1 (0.9) first
+def _symmetric(size: int, pairs: dict[tuple[int, int], float]) -> torch.Tensor:
+    """A correlation matrix: 1 on the diagonal, the given pairs, 0 elsewhere."""
+    corr = torch.eye(size, dtype=torch.float64)
+    for (i, j), value in pairs.items():
+        corr[i, j] = corr[j, i] = value
+    return corr
+
+
+def _groups(corr, n_models, **kwargs) -> list[list[int]]:
+    _, unmerge = zip_match(corr, n_models, **kwargs)
+    return sorted(unmerge[:, g].nonzero().flatten().tolist() for g in range(unmerge.shape[1]))
+
+
+# Each expected grouping below is derived by hand from the official ZipIt rules (the
+# derivation is in the comments); the project's matcher before it followed them got each wrong.
+
+def test_a_budget_of_zero_still_allows_one_within_model_merge_per_model():
+    # A0 A1 | B0 B1 (C = 2): budget int((2 // 2) * 0) = 0. The official budget is checked
+    # after a within-model merge spends it: A0-A1 (0.9) merges, A is then spent; the group
+    # sees B0 at min(0.5, 0.2) * 0.3 = 0.06 and B1 at 0.03, below B0-B1 (0.3), B's one
+    # within merge. (Forbidding within merges from the start gives A1-B1, A0-B0.)
+    corr = _symmetric(4, {(0, 1): 0.9, (0, 2): 0.5, (1, 2): 0.2, (0, 3): 0.1, (1, 3): 0.6, (2, 3): 0.3})
+    assert _groups(corr, 2, alpha=0.3, beta=0.0) == [[0, 1], [2, 3]]
+
+
+def test_the_budget_for_an_odd_width_counts_whole_features_per_model():
+    # C = 5: official budget int((5 // 2) * 0.8) = 1 (not int(0.8 * 5 / 2) = 2). A0-A1 (0.95)
+    # spends it, so A2-A3 (0.9) is blocked; the cross pairs A2-B2, A3-B3, A4-B4 follow; the
+    # fifth merge is among zeros, the first in row-major order: {A0, A1} with B0.
+    corr = _symmetric(10, {(0, 1): 0.95, (2, 3): 0.9, (2, 7): 0.8, (3, 8): 0.79, (4, 9): 0.7,
+                           (0, 5): 0.6, (1, 6): 0.55})
+    assert _groups(corr, 2, alpha=0.3, beta=0.8) == [[0, 1, 5], [2, 7], [3, 8], [4, 9], [6]]
+
+
+def test_a_mixed_group_counts_as_its_lowest_members_model():
+    # C = 4, alpha 1 (a group's similarity is the minimum of its members'), budget
+    # int((4 // 2) * 0.5) = 1. A0-B0 (0.95) makes a group labelled A. A1 joins it (0.9): a
+    # within-A merge, which spends A's budget. A2 would join next (0.85) but is now blocked;
+    # B1 joins instead (0.8, free: B into an A group); then A2-B2 (0.7).
+    pairs = {(0, 4): 0.95, (0, 1): 0.9, (1, 4): 0.9, (0, 2): 0.85, (1, 2): 0.85, (2, 4): 0.85,
+             (0, 5): 0.8, (1, 5): 0.8, (4, 5): 0.8, (2, 6): 0.7}
+    assert _groups(_symmetric(8, pairs), 2, alpha=1.0, beta=0.5) == [[0, 1, 4, 5], [2, 6], [3], [7]]
+
+
+def test_alpha_zero_stops_a_group_from_meeting_its_members_models_again():
+    # A0-B0 (0.9) merge; with alpha 0 the group may not merge with A or B features any more,
+    # so A0-A1 (0.8) and B0-B1 (0.7) through it are gone and A1-B1 (0.5) follows.
+    corr = _symmetric(4, {(0, 2): 0.9, (0, 1): 0.8, (2, 3): 0.7, (1, 3): 0.5})
+    assert _groups(corr, 2, alpha=0.0, beta=0.0) == [[0, 2], [1, 3]]
+
+
+def test_same_index_tiebreak_is_an_option_for_exact_ties():
+    dead = torch.ones(4, 4, dtype=torch.float64)  # dead units: every correlation 1
+    assert _groups(dead, 2) == [[0, 1], [2, 3]]  # the official first-index order: A0-A1, then B0-B1
+    assert _groups(dead, 2, same_index_tiebreak=True) == [[0, 2], [1, 3]]  # like weight averaging
+
+
+@pytest.mark.parametrize("alpha,beta", [(-0.1, 0.1), (1.5, 0.1), (0.3, -1.0), (0.3, 2.0)])
+def test_alpha_and_beta_outside_the_unit_interval_are_refused(alpha, beta):
+    with pytest.raises(ConfigError, match="alpha and beta"):
+        zip_match(torch.eye(4), 2, alpha=alpha, beta=beta)
+
+
+def test_zip_match_works_on_float64_inputs_on_any_device():
+    corr = _symmetric(4, {(0, 2): 0.9, (1, 3): 0.5}).to(torch.float32)
+    merge, unmerge = zip_match(corr, 2)
+    assert merge.device.type == "cpu" and unmerge.tolist() == [[1, 0], [0, 1], [1, 0], [0, 1]]
 
 
 def test_partial_zip_at_depth_zero_is_the_calibrated_ensemble():
