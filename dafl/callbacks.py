@@ -86,6 +86,15 @@ class TestAccuracyCurve(L.Callback):
             (Path(trainer.default_root_dir) / "curve.json").write_text(json.dumps(self.points, indent=1))
 
 
+def _free_bytes(folder: Path) -> float:
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return float("inf")  # not a folder we can ask: not a full disk either
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints written to a temporary file in the same folder, fsynced, then
     renamed over the target: a kill during a write never leaves a corrupt `last.ckpt`."""
@@ -97,9 +106,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-            import shutil
-
-            full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(Path(path).parent).free < (1 << 20)
+            full = getattr(e, "errno", None) == errno.ENOSPC or _free_bytes(Path(path).parent) < (1 << 20)
             reason = "no space left on the disk" if full else (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ConfigError(f"could not save checkpoint {path}: {reason}") from None
 

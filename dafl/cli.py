@@ -99,6 +99,11 @@ class DaflCLI(LightningCLI):
             # Evaluation writes nothing beside the user's files (no ./lightning_logs).
             config.trainer.logger = False
             return
+        model_args, data_args = config.model.get("init_args"), config.data.get("init_args")
+        if model_args is not None and data_args is not None and "dataset" in model_args \
+                and model_args.get("dataset") is None and data_args.get("eval_dataset"):
+            # The dataset the student is scored on also completes the teacher's input contract.
+            model_args.dataset = data_args.eval_dataset
         run_dir = self._run_dir(config)
         if config.checkpoint_minutes <= 0:
             raise ConfigError(f"--checkpoint_minutes must be positive, got {config.checkpoint_minutes}")

@@ -17,7 +17,7 @@ from torch import nn
 
 from dafl.datasets import InputAdapter
 from dafl.errors import ConfigError
-from dafl.models import build_model, count_flops, count_parameters
+from dafl.models import build_network, count_flops, count_parameters
 from dafl.weights import load_checkpoint, read_metadata, save_classifier
 
 # What a checkpoint must carry (under checkpoint["dafl"]) to be exported.
@@ -45,8 +45,8 @@ class ExportedClassifier(nn.Module):
 
 
 def build_exported(meta: dict[str, Any], state: Optional[dict[str, torch.Tensor]] = None) -> ExportedClassifier:
-    net = build_model(meta["arch"], in_channels=meta["in_channels"], num_classes=meta["num_classes"],
-                      image_size=meta["image_size"])
+    net = build_network(meta["arch"], in_channels=meta["in_channels"], num_classes=meta["num_classes"],
+                        image_size=meta["image_size"])
     if state is not None:
         net.load_state_dict(state)
     adapter = InputAdapter(meta["native_size"], meta["image_size"], meta["mean"], meta["std"])

@@ -6,7 +6,10 @@ needs (LeNet-5: the flattened conv3 output; ResNet: the pooled vector).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import importlib
+import inspect
+import json
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -208,3 +211,140 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         model(torch.zeros(1, *input_shape))
     model.train(was_training)
     return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------- any nn.Module
+
+ArchSpec = Union[str, dict]
+
+
+def spec_name(spec: ArchSpec) -> str:
+    """A spec as one string for metadata and messages: the name, or the class path with its
+    init_args as JSON."""
+    if isinstance(spec, str):
+        return spec
+    return json.dumps({"class_path": spec.get("class_path"), "init_args": spec.get("init_args") or {}},
+                      sort_keys=True)
+
+
+def parse_spec(spec: ArchSpec) -> ArchSpec:
+    """The inverse of `spec_name` (a JSON class-path spec back to a dict)."""
+    if isinstance(spec, str) and spec.startswith("{"):
+        return json.loads(spec)
+    return spec
+
+
+def build_network(spec: ArchSpec, in_channels: int = 1, num_classes: int = 10, image_size: int = 32) -> nn.Module:
+    """A classifier from any of three kinds of spec:
+
+    - a registered name (`python -m dafl models`), built for the given shape;
+    - `timm/NAME`: `timm.create_model(NAME, in_chans=in_channels, num_classes=num_classes)`,
+      never pretrained (nothing is downloaded);
+    - a class path (`package.module.Class`, e.g. `torchvision.models.resnet18`, or your own),
+      as a string or as `{class_path: ..., init_args: {...}}` (LightningCLI's convention):
+      the class (or function) called with `init_args` only, so they must give it its shape.
+    """
+    spec = parse_spec(spec)
+    if isinstance(spec, dict):
+        if not isinstance(spec.get("class_path"), str) or not isinstance(spec.get("init_args") or {}, dict):
+            raise ConfigError(f"an architecture spec needs class_path (a string) and init_args (a mapping), got {spec}")
+        return _from_class_path(spec["class_path"], spec.get("init_args") or {})
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"an architecture is a registered name, timm/NAME or a class path, got {spec!r}")
+    if spec in MODELS:
+        return build_model(spec, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+    if spec.startswith("timm/"):
+        try:
+            import timm
+        except ImportError:
+            raise ConfigError(f"{spec} needs timm: `pip install timm`") from None
+        try:
+            return timm.create_model(spec[len("timm/"):], pretrained=False, in_chans=in_channels,
+                                     num_classes=num_classes)
+        except RuntimeError as e:  # timm: "Unknown model (...)"
+            raise ConfigError(f"{spec}: {str(e).splitlines()[0]}") from None
+    if "." in spec:
+        return _from_class_path(spec, {})
+    raise ConfigError(f"unknown architecture {spec!r}; choose one of {', '.join(sorted(MODELS))}, timm/NAME, "
+                      "or a class path such as torchvision.models.resnet18")
+
+
+def _from_class_path(class_path: str, init_args: dict) -> nn.Module:
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        factory = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"cannot import {class_path}: {e}") from None
+    try:
+        network = factory(**init_args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{class_path}({', '.join(f'{k}={v!r}' for k, v in init_args.items())}) failed: {e}") from None
+    if not isinstance(network, nn.Module):
+        raise ConfigError(f"{class_path} did not build an nn.Module (got {type(network).__name__})")
+    return network
+
+
+@torch.no_grad()
+def output_classes(network: nn.Module, in_channels: int, image_size: int, what: str) -> int:
+    """The number of logits `network` returns for a batch of the declared input; a one-line
+    ConfigError if it fails on that input or does not return (N, classes) logits."""
+    was_training = network.training
+    network.eval()
+    try:
+        device = next(network.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    try:
+        out = network(torch.zeros(2, in_channels, image_size, image_size, device=device))
+    except Exception as e:  # noqa: BLE001 - whatever a user's forward raises on the declared input
+        raise ConfigError(f"{what} fails on {in_channels}x{image_size}x{image_size} inputs: "
+                          f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+    finally:
+        network.train(was_training)
+    if not torch.is_tensor(out) or out.dim() != 2 or out.shape[0] != 2:
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise ConfigError(f"{what} must return (N, classes) logits for {in_channels}x{image_size}x{image_size} "
+                          f"inputs, got {shape}")
+    return int(out.shape[1])
+
+
+class PenultimateFeatures:
+    """(logits, penultimate features) of any classifier, for DAFL's activation loss: the
+    network's own `return_features=True` where it has one (the registered models: LeNet-5's
+    120-d conv3 output as in DAFL, ResNet's pooled vector), else the input of its last
+    nn.Linear, or of the module named `layer`, caught by a forward pre-hook."""
+
+    def __init__(self, network: nn.Module, layer: Optional[str] = None):
+        self.network, self.captured, self.handle = network, None, None
+        forward = getattr(network, "forward")
+        self.native = layer is None and "return_features" in inspect.signature(forward).parameters
+        if self.native:
+            return
+        modules = dict(network.named_modules())
+        if layer is not None:
+            if layer not in modules:
+                raise ConfigError(f"the teacher has no module named {layer!r} (its last ones: "
+                                  f"{', '.join(list(modules)[-3:])})")
+            target = modules[layer]
+        else:
+            linears = [m for m in network.modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise ConfigError("the teacher has no nn.Linear layer whose input is its penultimate features: "
+                                  "name the module with teacher_feature_layer")
+            target = linears[-1]
+        self.handle = target.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, inputs):
+        self.captured = inputs[0]
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.native:
+            return self.network(images, return_features=True)
+        logits = self.network(images)
+        features, self.captured = self.captured, None
+        return logits, features.flatten(1)
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from dafl.errors import ConfigError
-from dafl.models import build_model
+from dafl.models import ArchSpec, build_network, output_classes, parse_spec, spec_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,41 +106,75 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
     return ckpt
 
 
-def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _strip(state: dict[str, Any], prefix: str, keep_others: bool) -> dict[str, Any]:
+    if not prefix:
+        return dict(state)
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()
+            if keep_others or k.startswith(prefix)}
+
+
+def _read_state_dict(path: Path, key_prefix: Optional[str] = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, metadata) from safetensors, a plain state dict, or a Lightning checkpoint
+    (its `state_dict`, keys under `key_prefix`; default: the prefix a dafl checkpoint
+    records, else `net.`, dafl's classifier module, when such keys exist)."""
     path = _check_local_file(path, "weights file")
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path)), read_metadata(path)
+            state, meta = load_file(str(path)), read_metadata(path)
         except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, JSON errors...
             raise ConfigError(f"{path} is not a readable safetensors file: {first_line(e)}") from None
+        return _strip(state, key_prefix or "", keep_others=True), meta
     obj = _torch_load(path, "weights file")
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        # A Lightning checkpoint of ClassifierModule: its network lives under "net.".
-        obj = {k[len("net."):]: v for k, v in obj["state_dict"].items() if k.startswith("net.")}
-    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ConfigError(f"{path} does not hold a state dict of tensors")
-    return obj, {}
+    meta: dict[str, Any] = {}
+    if isinstance(obj, dict) and "state_dict" in obj:  # a Lightning checkpoint
+        if not isinstance(obj["state_dict"], dict):
+            raise ConfigError(f"{path} has a state_dict that is not a mapping of tensors")
+        dafl_meta = obj.get("dafl") if isinstance(obj.get("dafl"), dict) else {}
+        prefix = key_prefix if key_prefix is not None else dafl_meta.get("state_prefix")
+        if prefix is None:
+            prefix = "net." if any(k.startswith("net.") for k in obj["state_dict"]) else ""
+        meta = {k: v for k, v in dafl_meta.items() if k != "state_prefix"}
+        obj = _strip(obj["state_dict"], prefix, keep_others=False)
+    elif isinstance(obj, dict):
+        obj = _strip(obj, key_prefix or "", keep_others=True)
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ConfigError(f"{path} does not hold a state dict of tensors (nor a Lightning checkpoint with a "
+                          "state_dict)")
+    return obj, meta
 
 
-def load_classifier(path: str | Path, arch: Optional[str] = None, num_classes: Optional[int] = None,
-                    in_channels: Optional[int] = None, image_size: Optional[int] = None
+def _prefix_hint(state: dict[str, Any], expected: dict[str, Any]) -> str:
+    """A hint when the file's keys all carry a prefix the network's keys lack."""
+    heads = {k.split(".", 1)[0] for k in state if "." in k}
+    if len(heads) == 1 and not any(k.startswith(f"{next(iter(heads))}.") for k in expected):
+        return f"; the file's keys all start with '{next(iter(heads))}.': set --model.teacher_key_prefix {next(iter(heads))}."
+    return ""
+
+
+def load_classifier(path: str | Path, arch: Optional[ArchSpec] = None, num_classes: Optional[int] = None,
+                    in_channels: Optional[int] = None, image_size: Optional[int] = None,
+                    key_prefix: Optional[str] = None, defaults: Optional[dict] = None
                     ) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the architecture named in the file's metadata (or `arch`) and load the weights
-    strictly. Shapes not in the metadata come from the arguments (defaults 10 / 1 / 32)."""
+    """Build the architecture named in the file's metadata (or `arch`: a registered name,
+    `timm/NAME`, or a class path, see `dafl.models.build_network`) and load the weights
+    strictly. Shapes not in the metadata come from the arguments, then `defaults`, then
+    10 classes / 1 channel / 32 px;
+    the number of classes of a class-path network is what its forward returns."""
     path = Path(path)
-    state, meta = _read_state_dict(path)
-    arch = arch or meta.get("arch")
+    state, meta = _read_state_dict(path, key_prefix)
+    arch = parse_spec(arch) if arch is not None else meta.get("arch")
     if arch is None:
-        raise ConfigError(f"{path} does not name its architecture: pass teacher_arch (e.g. lenet5)")
-    if meta.get("arch") and arch != meta["arch"]:
-        raise ConfigError(f"{path} holds a {meta['arch']} but {arch} was asked for")
+        raise ConfigError(f"{path} does not name its architecture: set teacher_arch (a registered name such as "
+                          "lenet5, timm/NAME, or a class path)")
+    if meta.get("arch") and spec_name(arch) != meta["arch"]:
+        raise ConfigError(f"{path} holds a {meta['arch']} but {spec_name(arch)} was asked for")
     shape = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
     for key, value in shape.items():
         if key in meta and value is not None and meta[key] != value:
             raise ConfigError(f"{path} was trained with {key}={meta[key]}, but {value} was asked for")
     shape = {k: meta.get(k, v) for k, v in shape.items()}
-    shape = {"num_classes": shape["num_classes"] or 10, "in_channels": shape["in_channels"] or 1,
-             "image_size": shape["image_size"] or 32}
+    defaults = {"num_classes": 10, "in_channels": 1, "image_size": 32, **(defaults or {})}
+    shape = {k: v if v is not None else defaults[k] for k, v in shape.items()}
     if arch == "zipit":  # a merged multi-task teacher (dafl.zipit): its structure is in the metadata
         from dafl.zipit import ZippedClassifier
 
@@ -150,13 +184,16 @@ def load_classifier(path: str | Path, arch: Optional[str] = None, num_classes: O
         network = ZippedClassifier(meta["base_arch"], meta["class_lists"], meta["depth"], shape["in_channels"],
                                    shape["num_classes"], shape["image_size"])
     else:
-        network = build_model(arch, **shape)
+        network = build_network(arch, **shape)
     expected = network.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or mismatched:
-        raise ConfigError(f"{path} does not fit {arch} ({shape}): missing {missing[:3]}, unexpected "
-                          f"{unexpected[:3]}, wrong shape {mismatched[:3]}")
+        raise ConfigError(f"{path} does not fit {spec_name(arch)}: missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}, wrong shape {mismatched[:3]}{_prefix_hint(state, expected)}")
     network.load_state_dict(state)
-    return network, {**meta, **shape, "arch": arch}
+    classes = output_classes(network, shape["in_channels"], shape["image_size"], f"{path} ({spec_name(arch)})")
+    if num_classes is not None and classes != num_classes:
+        raise ConfigError(f"{path} returns {classes} logits, but {num_classes} classes were asked for")
+    return network, {**meta, **shape, "num_classes": classes, "arch": spec_name(arch)}

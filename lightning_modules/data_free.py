@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -25,8 +25,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
 from dafl.distributed import gather_with_grad
-from dafl.datasets import missing_input_metadata
+from dafl.datasets import complete_contract, contract_settings, dataset_contract, missing_input_metadata
 from dafl.errors import ConfigError
+from dafl.models import spec_name
 from dafl.losses import BatchNormStatistics
 from dafl.procedural import ProceduralShapes, class_cycle, invert_toward_classes
 from dafl.student_init import check_zippable, zip_teacher_into_student
@@ -48,8 +49,12 @@ class DataFreeDistillation(L.LightningModule):
     def __init__(
         self,
         teacher: str = "checkpoints/fashion_mnist_lenet5_bn.safetensors",
-        teacher_arch: Optional[str] = None,
-        student_arch: str = "lenet5_half",
+        teacher_arch: Optional[Union[str, dict]] = None,
+        teacher_key_prefix: Optional[str] = None,
+        teacher_input: Optional[dict] = None,
+        dataset: Optional[str] = None,
+        teacher_feature_layer: Optional[str] = None,
+        student_arch: Union[str, dict] = "lenet5_half",
         student_init: Literal["random", "zip_teacher"] = "random",
         latent_dim: int = 100,
         generator_arch: Literal["dafl", "native"] = "dafl",
@@ -95,9 +100,22 @@ class DataFreeDistillation(L.LightningModule):
     ):
         """
         Args:
-            teacher: weights file of the trained classifier (safetensors with dafl metadata, or a state dict).
-            teacher_arch: registered architecture of the teacher, if its weights file does not name it.
-            student_arch: registered architecture of the student (`python -m dafl models`).
+            teacher: weights file of the trained classifier: safetensors, a plain state dict (.pt/.pth)
+                or a Lightning .ckpt (its state_dict); files that would run code are refused.
+            teacher_arch: the teacher's network, if its file does not name it: a registered name
+                (`python -m dafl models`), `timm/NAME`, or a class path (`torchvision.models.resnet18`,
+                your own `package.module.Class`), as a string or {class_path, init_args}.
+            teacher_key_prefix: prefix stripped from the file's keys before they must match the network's
+                exactly (e.g. `model.` for a Lightning module that holds the network as `self.model`).
+            teacher_input: the teacher's input contract, for a file that does not record it: any of
+                input_size (what the network takes), native_size (real images), channels, mean, std.
+                Missing values come from the teacher file, then from `dataset`.
+            dataset: registered dataset whose conventions complete the input contract (`fit` uses
+                data.eval_dataset; Fashion-MNIST: 28 px padded to 32, mean 0.286, std 0.353).
+            teacher_feature_layer: module of the teacher whose input is the penultimate feature vector of
+                DAFL's activation loss (default: the network's own `return_features`, else its last nn.Linear).
+            student_arch: the student's network: a registered name, `timm/NAME` or a class path, like
+                teacher_arch; it must return as many logits as the teacher.
             student_init: 'random' (the architecture's own initialisation) or 'zip_teacher' (the
                 teacher's weights, BatchNorm folded, zipped to the student's width on the inverted pool).
                 'zip_teacher' needs LeNet-5 teacher and student and the inverted pool; it is not redone
@@ -167,7 +185,12 @@ class DataFreeDistillation(L.LightningModule):
         self.generator_optimizer_factory = check_optimizer(generator_optimizer, "generator_optimizer")
         self.student_optimizer_factory = check_optimizer(student_optimizer, "student_optimizer")
 
-        self.teacher, self.teacher_meta = load_classifier(teacher, arch=teacher_arch)
+        explicit = contract_settings(teacher_input)
+        defaults = dataset_contract(dataset) if dataset else {}
+        self.teacher, meta = load_classifier(teacher, arch=teacher_arch, in_channels=explicit.get("in_channels"),
+                                             image_size=explicit.get("image_size"), key_prefix=teacher_key_prefix,
+                                             defaults=defaults)
+        self.teacher_meta = complete_contract(meta, explicit, defaults)
         self.teacher.eval().requires_grad_(False)
         shape = {k: self.teacher_meta[k] for k in ("in_channels", "num_classes", "image_size")}
         self._check_memory()
@@ -193,7 +216,7 @@ class DataFreeDistillation(L.LightningModule):
                                             balanced_one_hot)
         if native_padding:
             self._set_native_frame()
-        self.generator.attach(self.teacher)
+        self.generator.attach(self.teacher, features=synthetic == "generator", feature_layer=teacher_feature_layer)
         if channels_last:
             for network in (self.generator.net, self.teacher, self.student.net):
                 network.to(memory_format=torch.channels_last)
@@ -210,8 +233,9 @@ class DataFreeDistillation(L.LightningModule):
 
     def _set_native_frame(self):
         meta = self.teacher_meta
-        if "native_size" not in meta or "mean" not in meta:
-            raise ConfigError("native_padding needs a teacher file with native_size/mean/std metadata")
+        if meta.get("native_size") is None or meta.get("mean") is None:
+            raise ConfigError("native_padding needs the teacher's native_size, mean and std: set teacher_input "
+                              "or a registered dataset")
         border = (meta["image_size"] - meta["native_size"]) // 2
         if border <= 0 or meta["image_size"] - meta["native_size"] != 2 * border:
             raise ConfigError(f"native_padding: the teacher's {meta['native_size']}px inputs are not padded "
@@ -224,8 +248,9 @@ class DataFreeDistillation(L.LightningModule):
         missing = missing_input_metadata(meta)
         if missing:
             what = "synthetic 'inverted'" if hp.synthetic == "inverted" else "procedural_fraction"
-            raise ConfigError(f"{what} needs the teacher's {', '.join(missing)} (a teacher file "
-                              "written by dafl has them)")
+            settings = ", ".join(f"teacher_input.{k}" for k in missing)
+            raise ConfigError(f"{what} needs the teacher's input contract: set {settings}, or a registered "
+                              "dataset (--data.eval_dataset / --model.dataset) whose conventions it follows")
         return ProceduralShapes(meta["native_size"], meta["image_size"], meta["mean"], meta["std"],
                                 hp.procedural_shapes, hp.procedural_scale)
 
@@ -336,7 +361,7 @@ class DataFreeDistillation(L.LightningModule):
             "std": [1.0] * meta["in_channels"], "class_names": None}
         return {**fallback, **{k: meta[k] for k in fallback if meta.get(k) is not None},
                 "kind": "student", "method": f"data-free distillation ({hp.schedule} schedule)",
-                "arch": hp.student_arch, "num_classes": meta["num_classes"], "in_channels": meta["in_channels"],
+                "arch": spec_name(hp.student_arch), "num_classes": meta["num_classes"], "in_channels": meta["in_channels"],
                 "image_size": meta["image_size"], "teacher": str(hp.teacher), "teacher_arch": meta["arch"],
                 "state_prefix": "student.net."}
 

@@ -12,7 +12,7 @@ from dafl.datasets import missing_input_metadata
 from dafl.errors import ConfigError
 from dafl.losses import (BatchNormStatistics, activation_loss, batchnorm_statistics_loss,
                          balanced_targets, information_entropy_loss, l1_disagreement, mode_seeking_loss, one_hot_loss)
-from dafl.models import build_model
+from dafl.models import PenultimateFeatures, build_model
 
 
 class GeneratorObjective(nn.Module):
@@ -49,6 +49,7 @@ class GeneratorObjective(nn.Module):
                         "bn": bn_stat_weight, "adv": adversarial_weight, "div": diversity_weight}
         self.entropy_log_base = entropy_log_base
         self._bn_hooks: Optional[BatchNormStatistics] = None
+        self._features: Optional[PenultimateFeatures] = None
         self.register_buffer("frame_mask", None, persistent=False)
         self.register_buffer("frame_value", None, persistent=False)
 
@@ -61,8 +62,13 @@ class GeneratorObjective(nn.Module):
         mask[..., border:size - border, border:size - border] = 1.0
         self.frame_mask, self.frame_value = mask, value.view(1, -1, 1, 1).float()
 
-    def attach(self, teacher: nn.Module) -> None:
-        """Hook the teacher's BatchNorm layers if the statistics loss is on."""
+    def attach(self, teacher: nn.Module, features: bool = True, feature_layer: Optional[str] = None) -> None:
+        """Find the teacher's penultimate features (`dafl.models.PenultimateFeatures`), if this
+        generator will be trained, and hook its BatchNorm layers if the statistics loss is on."""
+        if features and (self._features is None or self._features.network is not teacher):
+            if self._features is not None:
+                self._features.remove()
+            self._features = PenultimateFeatures(teacher, feature_layer)
         if self.weights["bn"] > 0 and self._bn_hooks is None:
             self._bn_hooks = BatchNormStatistics(teacher)
             if not self._bn_hooks.layers:
@@ -70,6 +76,9 @@ class GeneratorObjective(nn.Module):
 
     def detach_hooks(self) -> None:
         """Remove the hooks from the teacher (once this generator is done with it)."""
+        if self._features is not None:
+            self._features.remove()
+            self._features = None
         if self._bn_hooks is not None:
             self._bn_hooks.remove()
             self._bn_hooks = None
@@ -119,7 +128,9 @@ class GeneratorObjective(nn.Module):
         w = self.weights
         if self._bn_hooks is not None:
             self._bn_hooks.recording = True
-        teacher_logits, features = teacher(images, return_features=True)
+        if self._features is None or self._features.network is not teacher:
+            self.attach(teacher, features=True)
+        teacher_logits, features = self._features(images)
         if self._bn_hooks is not None:
             self._bn_hooks.recording = False
         if targets is None and self.balanced_one_hot:

@@ -10,7 +10,8 @@ from torch import nn
 
 from dafl.data import random_shift_flip
 from dafl.losses import kd_loss
-from dafl.models import build_model
+from dafl.errors import ConfigError
+from dafl.models import build_network, output_classes
 
 
 class ReplayMemory(nn.Module):
@@ -75,7 +76,10 @@ class StudentObjective(nn.Module):
                  temperature: float = 1.0, augment_shift: int = 0, augment_flip: bool = False,
                  mixup_alpha: float = 0.0, cutmix_prob: float = 0.0):
         super().__init__()
-        self.net = build_model(arch, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+        self.net = build_network(arch, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+        classes = output_classes(self.net, in_channels, image_size, f"student {arch}")
+        if classes != num_classes:
+            raise ConfigError(f"the student {arch} returns {classes} logits but the teacher {num_classes}")
         self.temperature, self.augment_shift, self.augment_flip = temperature, augment_shift, augment_flip
         self.mixup_alpha, self.cutmix_prob = mixup_alpha, cutmix_prob
 

@@ -175,7 +175,7 @@ def test_unwritable_run_folder(run_cli, tmp_path):
 def test_class_count_mismatch_between_teacher_and_data(run_cli, tmp_path, digits_teacher):
     # A 10-class digits teacher with a 100-class evaluation dataset.
     line = one_line_error(run_cli("fit", "--model.teacher", digits_teacher[0], "--data.eval_dataset", "cifar100",
-                                  "--data.root", tmp_path, "--run_dir", tmp_path / "r", "--trainer.max_epochs", "1"))
+                                  "--run_dir", tmp_path / "r", "--trainer.max_epochs", "1"))
     assert "num_classes" in line
 
 

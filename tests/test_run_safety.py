@@ -231,3 +231,23 @@ def test_fit_help_leads_with_the_model_options(run_cli):
     pool = [l for l in result.stdout.splitlines() if "--model.procedural_pool_size" in l]
     assert pool and "inverted pool" in pool[0]
     assert "--help-all" in result.stdout
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line(tmp_path):
+    from dafl.callbacks import AtomicCheckpointIO
+    from dafl.errors import ConfigError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(ConfigError, match="could not save checkpoint"):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, blocker / "checkpoints" / "last.ckpt")
+
+
+def test_zip_output_depth_is_checked_before_merging(run_cli, tmp_path):
+    from conftest import REPO
+
+    halves = [str(REPO / "checkpoints" / f"fashion_mnist_lenet5_bn_classes{c}.safetensors") for c in ("0-4", "5-9")]
+    (tmp_path / "z.yaml").write_text(f"teachers: [{halves[0]}, {halves[1]}]\noutputs: [{{depth: 99}}]\n")
+    start = time.time()
+    line = one_line_error(run_cli("zip", "--config", tmp_path / "z.yaml", "--out", tmp_path / "o"))
+    assert "output depth 99" in line and time.time() - start < 60
