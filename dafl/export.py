@@ -74,8 +74,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoints" / "last.ckpt"
-        if not path.is_file():
-            raise ConfigError(f"no checkpoint at {path}")
+    if "://" not in str(path) and not path.is_file():
+        raise ConfigError(f"no checkpoint at {path}")
     ckpt = load_checkpoint(path)
     meta = ckpt.get("dafl")
     if not isinstance(meta, dict) or any(k not in meta for k in REQUIRED):

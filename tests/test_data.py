@@ -181,9 +181,12 @@ def test_data_free_module_never_loads_training_images():
     assert x.shape[1:] == (1, 32, 32)
 
 
-def test_data_free_module_reports_missing_test_data(tmp_path):
-    dm = DataFreeDataModule("fashion-mnist", root=str(tmp_path))
-    assert not dm.has_test_data and "dataset-fashion-mnist" in dm.missing_reason
+def test_data_free_module_checks_named_data_at_once_and_reports_missing_data(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="dataset-fashion-mnist"):  # a folder the user named: checked up front
+        DataFreeDataModule("fashion-mnist", root=str(tmp_path))
+    monkeypatch.delenv("DAFL_CIFAR10", raising=False)
+    dm = DataFreeDataModule("cifar10")  # not installed, no folder named: trained anyway, not scored
+    assert not dm.has_test_data and "--data.root" in dm.missing_reason
 
 
 @pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"val_size": -1}, {"input_size": 0}])

@@ -114,4 +114,10 @@ def test_failed_export_leaves_no_partial_files(student_run, tmp_path, monkeypatc
     monkeypatch.setattr(dafl.export, "_export_onnx", boom)
     with pytest.raises(RuntimeError):
         export_classifier(meta, state, tmp_path / "out")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # neither the output folder nor a temporary one is left
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "student.onnx").write_text("an earlier export")
+    with pytest.raises(RuntimeError):
+        export_classifier(meta, state, tmp_path / "out", overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # a failed replacement keeps the old export
+    assert (tmp_path / "out" / "student.onnx").read_text() == "an earlier export"
