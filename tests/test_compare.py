@@ -43,6 +43,7 @@ iterations_per_epoch: 2
     return out, run
 
 
+@pytest.mark.slow  # the shared compare run takes about 2.5 minutes
 def test_table_has_every_row_and_column(compare_run):
     out, _ = compare_run
     with open(out / "table.csv") as f:
@@ -63,6 +64,7 @@ def test_table_has_every_row_and_column(compare_run):
     assert "| Teacher |" in (out / "table.md").read_text()
 
 
+@pytest.mark.slow  # the shared compare run takes about 2.5 minutes
 def test_rerun_reuses_finished_rows(compare_run):
     out, run = compare_run
     record = out / "standard" / "seed_0.json"
@@ -72,6 +74,7 @@ def test_rerun_reuses_finished_rows(compare_run):
     assert json.loads(record.read_text()) == before  # not re-trained
 
 
+@pytest.mark.slow  # the shared compare run takes about 2.5 minutes
 def test_unknown_row_is_a_one_line_error(compare_run):
     _, run = compare_run
     result = run("--rows", "teacher,lasso")

@@ -24,6 +24,7 @@ def _small_fit_args(teacher, run_dir, epochs):
             "--checkpoint_minutes", "0.02", "--run_dir", str(run_dir)]
 
 
+@pytest.mark.slow  # about 3 minutes; test_run_safety.py stops and resumes a run with SIGTERM in the fast suite
 def test_sigkill_mid_epoch_then_resume_finishes(digits_teacher, tmp_path):
     run_dir = tmp_path / "run"
     args = _small_fit_args(digits_teacher[0], run_dir, epochs=6)
