@@ -79,6 +79,7 @@ def test_same_seed_gives_bitwise_identical_student(digits_teacher):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.slow  # test_run_safety.py covers the NaN line and the clean rerun in the fast suite
 def test_nan_loss_stops_with_one_line(digits_teacher, tmp_path, run_cli):
     from safetensors.torch import load_file, save_file
     from safetensors import safe_open

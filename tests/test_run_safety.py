@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_cli import one_line_error
+from test_cli import in_process_error, one_line_error
 
 
 def small_fit(teacher, run_dir, *extra, epochs=2):
@@ -190,18 +190,23 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_a_rerun(ru
     ("--model.procedural_pool_size", "1000000000000", "memory"),
     ("--model.batch_size", "1000000000000", "memory"),
 ])
-def test_values_that_cannot_work_are_refused_up_front(run_cli, digits_teacher, tmp_path, flag, value, message):
-    result = run_cli(*small_fit(digits_teacher[0], tmp_path / "run", flag, value))
-    assert message in one_line_error(result) and "Seed set" not in result.stderr
+def test_values_that_cannot_work_are_refused_up_front(capsys, digits_teacher, tmp_path, flag, value, message):
+    assert message in in_process_error(capsys, *small_fit(digits_teacher[0], tmp_path / "run", flag, value))
     assert not (tmp_path / "run").exists()
+
+
+def test_an_error_line_is_alone_on_stderr(run_cli, digits_teacher, tmp_path):
+    result = run_cli(*small_fit(digits_teacher[0], tmp_path / "run", "--trainer.max_epochs", "0"))
+    one_line_error(result)
+    assert "Seed set" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("text,message", [("- a\n- b\n", "not a list"), ("teachers: [a\n", "not valid YAML"),
                                           ("merge_images: lots\nteachers: [a, b]\n", "merge_images"),
                                           ("alpha: 2\nteachers: [a, b]\n", "alpha")])
-def test_zip_configs_are_checked(run_cli, tmp_path, text, message):
+def test_zip_configs_are_checked(capsys, tmp_path, text, message):
     (tmp_path / "z.yaml").write_text(text)
-    assert message in one_line_error(run_cli("zip", "--config", tmp_path / "z.yaml", "--out", tmp_path / "o"))
+    assert message in in_process_error(capsys, "zip", "--config", tmp_path / "z.yaml", "--out", tmp_path / "o")
 
 
 def test_zip_refuses_overlapping_classes_before_merging(run_cli, tmp_path):
@@ -212,17 +217,17 @@ def test_zip_refuses_overlapping_classes_before_merging(run_cli, tmp_path):
     assert "in both" in one_line_error(run_cli("zip", "--config", tmp_path / "z.yaml", "--out", tmp_path / "o"))
 
 
-def test_compare_config_must_be_a_mapping(run_cli, tmp_path):
+def test_compare_config_must_be_a_mapping(capsys, tmp_path):
     (tmp_path / "c.yaml").write_text("[1, 2]\n")
-    assert "not a list" in one_line_error(run_cli("compare", "--config", tmp_path / "c.yaml"))
+    assert "not a list" in in_process_error(capsys, "compare", "--config", tmp_path / "c.yaml")
 
 
-def test_usage_errors_are_one_line(run_cli, tmp_path):
+def test_usage_errors_are_one_line(capsys, run_cli, tmp_path):
     for args in (["export"], ["zip", "--bogus"], ["compare", "--seeds", "many"]):
-        one_line_error(run_cli(*args))
+        in_process_error(capsys, *args)
     line = one_line_error(run_cli("test", cwd=tmp_path))
     assert "--config" in line and not (tmp_path / "lightning_logs").exists()
-    assert "folder" in one_line_error(run_cli("fit", "--model.teacher", tmp_path, "--run_dir", tmp_path / "r"))
+    assert "folder" in in_process_error(capsys, "fit", "--model.teacher", tmp_path, "--run_dir", tmp_path / "r")
 
 
 def test_fit_help_leads_with_the_model_options(run_cli):
