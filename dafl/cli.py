@@ -208,9 +208,10 @@ def run_lightning_cli(args: list[str], user_args: list[str]) -> None:
         # exit_on_error=False: jsonargparse raises instead of printing its usage block, and
         # `python -m dafl` turns the error into one line (dafl.__main__.argument_error_line).
         quiet = {"exit_on_error": False}
+        named = {**quiet, "prog": "python -m dafl"}  # not "__main__.py" in usage lines
         DaflCLI(args=args, save_config_kwargs={"overwrite": True}, subclass_mode_model=True, subclass_mode_data=True,
                 auto_configure_optimizers=False,
-                parser_kwargs={**quiet, **{name: quiet for name in DaflCLI.subcommands()}})
+                parser_kwargs={**named, **{name: quiet for name in DaflCLI.subcommands()}})
     except FloatingPointError as error:
         _forget_failed_run()
         run_dir = DaflCLI.run_dir
