@@ -70,10 +70,7 @@ class DaflCLI(LightningCLI):
     def _checked_ckpt_path(self, subcommand: str, config) -> Path:
         from dafl.weights import load_checkpoint
 
-        given = str(config.ckpt_path)
-        if "://" in given:  # Lightning would fetch it and unpickle it with weights_only=False
-            raise ConfigError(f"--ckpt_path must be a local file, got the URL {given}: URLs are refused "
-                              "(a remote checkpoint could run code when loaded); download it and pass its path")
+        given = str(config.ckpt_path)  # a string, not a Path: load_checkpoint refuses URLs, which Path would mangle
         if given in LIGHTNING_CKPT_NAMES:
             if given not in ("last", "best"):
                 raise ConfigError(f"--ckpt_path {given} is not supported; use last, best or a checkpoint file")
@@ -84,11 +81,11 @@ class DaflCLI(LightningCLI):
                                   f"({'nothing to resume' if subcommand == 'fit' else 'nothing to evaluate'}); "
                                   "name the run with --run_dir or pass a checkpoint file")
         else:
-            path = Path(given)
+            path = given
         checkpoint = load_checkpoint(path, "--ckpt_path")
         if not isinstance(checkpoint.get("dafl"), dict):
             raise ConfigError(f"--ckpt_path {path} was not written by `dafl fit` (no dafl metadata)")
-        return path.resolve()
+        return Path(path).resolve()
 
     def before_instantiate_classes(self):
         config = self.config[self.subcommand]

@@ -71,10 +71,9 @@ def load_student(path: str | os.PathLike) -> ExportedClassifier:
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """(export metadata, network state dict, hyper-parameters) from a Lightning checkpoint
     of `dafl fit`, or from a run folder (its checkpoints/last.ckpt)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if "://" not in str(path) and not path.is_file():
+    if Path(path).is_dir():
+        path = Path(path) / "checkpoints" / "last.ckpt"
+    if "://" not in str(path) and not Path(path).is_file():  # a URL is load_checkpoint's to refuse
         raise ConfigError(f"no checkpoint at {path}")
     ckpt = load_checkpoint(path)
     meta = ckpt.get("dafl")

@@ -25,7 +25,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from tqdm.auto import tqdm
 
 from dafl.distributed import gather_with_grad
-from dafl.datasets import complete_contract, contract_settings, dataset_contract, missing_input_metadata
+from dafl.contract import complete_contract, contract_settings, dataset_contract
+from dafl.datasets import missing_input_metadata
 from dafl.errors import ConfigError
 from dafl.models import spec_name
 from dafl.losses import BatchNormStatistics
