@@ -72,8 +72,8 @@ def _check_local_file(path: str | Path, what: str) -> Path:
     """`path` as a local file that exists, or a one-line ConfigError. URLs are refused:
     a remote file cannot be checked before it is loaded."""
     if "://" in str(path):
-        raise ConfigError(f"{what} must be a local file, got the URL {path}: URLs are refused (a remote "
-                          "checkpoint could run code when loaded); download it and pass its path")
+        raise ConfigError(f"{what} must be a local file, got the URL {path}: URLs are refused (a remote file "
+                          "could run code when loaded); download it and pass its path")
     path = resolve(path)
     if path.is_dir():
         raise ConfigError(f"{what} {path} is a folder, not a file")
