@@ -2,7 +2,7 @@
 accuracy against training wall-clock time, and rebuild the committed table and plot.
 
     python benchmarks/accuracy.py run --name default --config configs/default.yaml --seeds 0 1 2
-    python benchmarks/accuracy.py run --name no_bn --config configs/default.yaml --set model.bn_stat_weight=0
+    python benchmarks/accuracy.py run --name pool_8k --config configs/default.yaml --set model.source.init_args.pool_size=8192
     python benchmarks/accuracy.py report      # -> benchmarks/accuracy.md, benchmarks/accuracy.png
 
 Test accuracy is measured for the record only (TestAccuracyCurve); the reported number
@@ -209,7 +209,7 @@ def main():
     r.add_argument("--name", required=True)
     r.add_argument("--config", default="configs/default.yaml")
     r.add_argument("--seeds", type=int, nargs="+", default=[0])
-    r.add_argument("--set", action="append", default=[], help="KEY=VALUE override, e.g. model.bn_stat_weight=0")
+    r.add_argument("--set", action="append", default=[], help="KEY=VALUE override, e.g. model.source.init_args.pool_size=8192")
     r.add_argument("--every", type=int, default=1, help="evaluate the curve every N epochs")
     r.add_argument("--runs", default="runs/bench")
     r.add_argument("--note", default="")

@@ -126,18 +126,21 @@ def lightning_loop(recipe: dict, settings: dict, device: str, warmup: int, steps
     """`python -m dafl fit`'s module and Trainer on the same recipe, timed in blocks of
     `steps` iterations after `warmup` (compilation and first-step costs excluded)."""
     from dafl.data import DataFreeDataModule
-    from lightning_modules.data_free import DataFreeDistillation
+    from lightning_modules.generator import GeneratorSource
+    from lightning_modules.student import StudentDistillation
 
     fused = {"fused": True} if settings.get("fused") else {}
     name, kwargs = recipe["s_opt"]
     with tempfile.TemporaryDirectory() as folder:
         teacher = _teacher_file(recipe, Path(folder))
         L.seed_everything(0, verbose=False)
-        model = DataFreeDistillation(
-            teacher=str(teacher), student_arch=recipe["student"], latent_dim=recipe["latent"],
-            generator_width=recipe["width"], batch_size=recipe["batch"], schedule="official",
-            one_hot_weight=recipe["oh"], activation_weight=recipe["a"], entropy_weight=recipe["ie"],
-            generator_optimizer=lambda p: torch.optim.Adam(p, lr=recipe["g_lr"], **fused),
+        source = GeneratorSource(latent_dim=recipe["latent"], width=recipe["width"], joint_step=True,
+                                 one_hot_weight=recipe["oh"], activation_weight=recipe["a"],
+                                 entropy_weight=recipe["ie"],
+                                 optimizer=lambda p: torch.optim.Adam(p, lr=recipe["g_lr"], **fused))
+        model = StudentDistillation(
+            teacher=str(teacher), source=source, student_arch=recipe["student"], batch_size=recipe["batch"],
+            student_steps=1, mixup_alpha=0.0, cutmix_prob=0.0, student_lr_schedule="constant", student_lr_warmup=0,
             student_optimizer=lambda p: getattr(torch.optim, name)(p, **kwargs, **fused),
             val_size=8, channels_last=settings.get("channels_last", False), compile=settings.get("compile", False),
             finite_check_every=steps)
@@ -269,7 +272,7 @@ def check_accuracy(args) -> list[str]:
              "| settings | student test accuracy |", "|---|---|"]
     for label, extra in (("fp32", []), ("channels_last + bf16 + fused", [
             "--model.channels_last", "true", "--trainer.precision", "bf16-mixed",
-            "--model.generator_optimizer.init_args.fused", "true", "--model.student_optimizer.init_args.fused", "true"])):
+            "--model.source.optimizer.init_args.fused", "true", "--model.student_optimizer.init_args.fused", "true"])):
         with tempfile.TemporaryDirectory() as folder:
             command = [sys.executable, "-m", "dafl", "fit", "--config", "configs/fashion_mnist/dafl_official.yaml",
                        "--trainer.max_epochs", "1", "--data.iterations_per_epoch", str(args.check_accuracy),

@@ -1,7 +1,8 @@
 """python -m dafl <command>.
 
   fit        train (teacher, student, or data-free distillation), by LightningCLI config;
-             with no --config it runs configs/default.yaml (data-free, shipped teacher)
+             with no --config it runs configs/default.yaml (data-free, shipped teacher); a
+             config without model.class_path (a preset) applies on top of that file
   validate   / test: LightningCLI's, same configs
   compare    the DAFL paper's comparison table for one teacher / student / dataset
   zip        merge teachers trained on different classes (ZipIt!), with real or generated images
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             from dafl.weights import resolve
 
             has_config = any(a == "-c" or a.startswith("--config") for a in rest)
-            if command == "fit" and not has_config:
+            files = _config_files(rest)
+            if command == "fit" and (not has_config or (files and is_overlay(files[0]))):
                 rest = ["--config", str(resolve(DEFAULT_CONFIG)), *rest]
             elif not has_config and not any(a in ("-h", "--help", "--help-all") or a.startswith("--model")
                                             for a in rest):
@@ -159,6 +161,18 @@ def _config_files(args: list[str]) -> list[str]:
         elif arg.startswith("--config="):
             files.append(arg.split("=", 1)[1])
     return [str(resolve(f)) for f in files]
+
+
+def is_overlay(config_file: str) -> bool:
+    """A config that names no model class_path holds only what differs from configs/default.yaml."""
+    from dafl.errors import read_yaml_mapping
+
+    try:
+        config = read_yaml_mapping(config_file, "config")
+    except (ConfigError, OSError):
+        return False  # LightningCLI reports the file itself
+    model = config.get("model")
+    return not (isinstance(model, dict) and "class_path" in model)
 
 
 def argument_error_line(message: str) -> str:

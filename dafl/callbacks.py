@@ -16,15 +16,15 @@ from dafl.errors import ConfigError, RunStopped
 
 
 class SampleGrid(L.Callback):
-    """After each training epoch, write `samples/epoch_XXXX.png`: the first `count`
-    validation images (generator samples of the fixed latent bank, or held-out inverted
-    shapes), each titled with the teacher's predicted class and confidence."""
+    """After each training epoch, write `samples/epoch_XXXX.png`: the first `count` of a
+    `StudentDistillation`'s validation images (its image source's held-out images), each
+    titled with the teacher's predicted class and confidence."""
 
     def __init__(self, count: int = 32, columns: int = 8):
         self.count, self.columns = count, columns
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or not hasattr(module, "preview_images"):
+        if not trainer.is_global_zero:
             return
         import matplotlib
 
@@ -32,7 +32,7 @@ class SampleGrid(L.Callback):
         import matplotlib.pyplot as plt
 
         with torch.no_grad():
-            images = module.preview_images(self.count)
+            images = module.held_out_images()[0][:self.count]
             probs = module.teacher(images).softmax(1)
         confidence, predicted = probs.max(1)
         names = module.export_metadata().get("class_names") or [str(i) for i in range(probs.shape[1])]
@@ -45,9 +45,8 @@ class SampleGrid(L.Callback):
             ax.set_title(f"{names[c]} {p:.0%}", fontsize=7)
         for ax in axes.flat:
             ax.axis("off")
-        source = {"inverted": "held-out inverted shapes", "gaussian": "Gaussian noise"}.get(
-            module.hparams.get("synthetic"), "generator samples")
-        fig.suptitle(f"epoch {trainer.current_epoch}: {source}, teacher's class and confidence", fontsize=9)
+        fig.suptitle(f"epoch {trainer.current_epoch}: {module.source.description}, teacher's class and confidence",
+                     fontsize=9)
         fig.tight_layout()
         folder = Path(trainer.default_root_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from dafl.callbacks import AtomicCheckpointIO, GracefulStop, IntervalCheckpoint, SampleGrid
 from dafl.errors import ConfigError
 from dafl.export import export_classifier
+import lightning_modules.generator  # noqa: F401  (every image source known: short class names work in --model.source)
+from lightning_modules.student import StudentDistillation
 
 RUN_PARTS = ("checkpoints", "tensorboard", "samples", "export", "metrics.csv", "hparams.yaml", "config.yaml",
              "summary.json", "curve.json")
@@ -141,16 +143,15 @@ class DaflCLI(LightningCLI):
                 continue
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         run_dir = str(self.run_dir)
-        data_free = hasattr(self.model, "generator")
         callbacks = list(self.config_init.fit.trainer.get("callbacks") or [])
         callbacks.append(ModelCheckpoint(dirpath=f"{run_dir}/checkpoints", filename="best",
-                                         monitor="val/agreement" if data_free else "val/acc", mode="max",
+                                         monitor=getattr(self.model, "monitor", "val/acc"), mode="max",
                                          save_top_k=1, enable_version_counter=False))
         # last.ckpt is IntervalCheckpoint's alone: Lightning's save_last would write
         # last-v1.ckpt beside a last.ckpt it did not write itself, or skip epochs.
         callbacks.append(IntervalCheckpoint(f"{run_dir}/checkpoints/last.ckpt", self.config.fit.checkpoint_minutes))
         callbacks.append(GracefulStop(f"{run_dir}/checkpoints/last.ckpt"))
-        if data_free:
+        if isinstance(self.model, StudentDistillation):
             callbacks.append(SampleGrid())
         loggers = [CSVLogger(run_dir, name="", version=""), TensorBoardLogger(run_dir, name="tensorboard", version="")]
         plugins = self.config_init.fit.trainer.get("plugins") or []

@@ -26,11 +26,11 @@ from dafl.weights import load_classifier, resolve
 
 # Budgets: quick fits a 2-core CPU in about half an hour; paper uses the paper's steps.
 BUDGETS = {
-    "quick": {"supervised_epochs": 3, "alternative_epochs": 15, "gaussian_iterations": 300,
+    "quick": {"supervised_epochs": 3, "gaussian_iterations": 300,
               "official_iterations": 120, "best_iterations": 1200},
-    "paper": {"supervised_epochs": 20, "alternative_epochs": 100, "gaussian_iterations": 24000,
+    "paper": {"supervised_epochs": 20, "gaussian_iterations": 24000,
               "official_iterations": 24000, "best_iterations": 3600},
-    "tiny": {"supervised_epochs": 1, "alternative_epochs": 1, "gaussian_iterations": 4,
+    "tiny": {"supervised_epochs": 1, "gaussian_iterations": 4,
              "official_iterations": 2, "best_iterations": 4},  # for tests
 }
 
@@ -44,35 +44,32 @@ class Row:
 
 
 def build_rows(cfg: dict, budget: dict) -> list[Row]:
+    """The standard row trains with labels (the supervised recipe); every other student row
+    is the best preset's distillation loop with another image source."""
     teacher, student = cfg["teacher"], cfg["student_arch"]
     supervised = ["--config", cfg["supervised_config"], "--model.init_args.arch", student, "--data.init_args.val_size", "null",
                   "--data.init_args.dataset", cfg["dataset"]]
-    data_free = lambda config, iters: ["--config", config, "--model.init_args.teacher", teacher,  # noqa: E731
-                                       "--model.init_args.student_arch", student,
-                                       "--data.init_args.eval_dataset", cfg["dataset"],
-                                       *_iterations(iters, cfg.get("iterations_per_epoch", 100))]
+    distill = lambda config, iters: ["--config", config, "--model.init_args.teacher", teacher,  # noqa: E731
+                                     "--model.init_args.student_arch", student,
+                                     "--data.init_args.eval_dataset", cfg["dataset"],
+                                     *_iterations(iters, cfg.get("iterations_per_epoch", 100))]
+    source = lambda name, *args: ["--model.init_args.source", f"lightning_modules.sources.{name}", *args]  # noqa: E731
+    real_images = lambda dataset: source("RealImages", "--model.init_args.source.init_args.dataset", dataset)  # noqa: E731
+    best = lambda iters: distill(cfg["best_config"], iters)  # noqa: E731
     rows = [
         Row("teacher", "Teacher", "original data (labels)", None),
         Row("standard", "Standard back-propagation", "original data (labels)",
             [*supervised, "--trainer.max_epochs", str(budget["supervised_epochs"])]),
-        Row("kd", "Knowledge distillation", "original data (no labels used by the loss)",
-            [*supervised, "--trainer.max_epochs", str(budget["supervised_epochs"]), "--model.init_args.teacher",
-             teacher, "--model.init_args.kd_weight", "1.0"]),
-        Row("gaussian", "Normal distribution", "none",
-            [*data_free(cfg["best_config"], budget["gaussian_iterations"]), "--model.init_args.synthetic", "gaussian",
-             # noise alone: no replay memory and no procedural shapes, whatever the best preset uses
-             "--model.init_args.replay_size", "0", "--model.init_args.procedural_fraction", "0",
-             "--model.init_args.procedural_inversion_steps", "0"]),
+        Row("kd", "Knowledge distillation", "original data (no labels)",
+            [*best(budget["best_iterations"]), *real_images(cfg["dataset"])]),
+        Row("gaussian", "Normal distribution", "none", [*best(budget["gaussian_iterations"]), *source("GaussianNoise")]),
     ]
     if cfg.get("alternative_dataset"):
         rows.append(Row("alternative", f"Alternative data ({cfg['alternative_dataset']})", "other dataset",
-                        [*supervised, "--trainer.max_epochs", str(budget["alternative_epochs"]),
-                         "--data.init_args.dataset", cfg["alternative_dataset"],
-                         "--data.init_args.test_dataset", cfg["dataset"],
-                         "--model.init_args.teacher", teacher, "--model.init_args.kd_weight", "1.0"]))
+                        [*best(budget["best_iterations"]), *real_images(cfg["alternative_dataset"])]))
     rows += [Row("dafl_official", "DAFL (official recipe)", "none",
-                 data_free(cfg["official_config"], budget["official_iterations"])),
-             Row("dafl_best", "DAFL (dafl's best preset)", "none", data_free(cfg["best_config"], budget["best_iterations"]))]
+                 distill(cfg["official_config"], budget["official_iterations"])),
+             Row("dafl_best", "DAFL (dafl's best preset)", "none", best(budget["best_iterations"]))]
     return rows
 
 

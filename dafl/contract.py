@@ -1,26 +1,21 @@
 """The teacher's input contract: the size its network takes, the native size of real
 images, channels, mean and std. Each value comes from the user's settings, then the
-teacher file's metadata, then a registered dataset's conventions."""
+teacher file's metadata, then a registered dataset's conventions (`dafl.datasets.dataset_contract`).
+`InputAdapter` turns native pixels into what the network takes."""
 from __future__ import annotations
 
 from typing import Optional
 
-from dafl.datasets import INFOS
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 from dafl.errors import ConfigError
 
 CONTRACT_KEYS = {"input_size": "image_size", "native_size": "native_size", "channels": "in_channels",
                  "mean": "mean", "std": "std"}  # setting name -> metadata key
 
 
-def dataset_contract(name: str) -> dict:
-    """A registered dataset's input conventions as metadata: native size, channels, mean,
-    std, and the network input size (32 for small images, padded or resized, as LeNet-5
-    was meant; the native size above that)."""
-    if name not in INFOS:
-        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(INFOS))}")
-    info = INFOS[name]
-    return {"image_size": max(32, info.size), "native_size": info.size, "in_channels": info.channels,
-            "mean": list(info.mean), "std": list(info.std)}
 
 
 def contract_settings(settings: Optional[dict]) -> dict:
@@ -57,3 +52,40 @@ def complete_contract(meta: dict, explicit: dict, defaults: dict) -> dict:
             raise ConfigError(f"the teacher takes {channels} channel(s) but its {key} has {len(meta[key])} values "
                               f"({meta[key]}): set teacher_input.{key}")
     return meta
+
+
+# ---------------------------------------------------------------- native pixels -> network input
+
+def missing_input_metadata(meta: Optional[dict]) -> list[str]:
+    """Which of native_size / mean / std a teacher's metadata lacks: without them, pixels
+    cannot be padded and normalised the way real inputs were (`InputAdapter`)."""
+    return [key for key in ("native_size", "mean", "std") if (meta or {}).get(key) is None]
+
+
+class InputAdapter(nn.Module):
+    """Pixels in [0, 1] (float) or uint8, N x C x H x W at native size -> the network's
+    normalised input: zero-pad (MNIST 28 -> 32, as LeNet-5 was meant) or, when padding
+    cannot reach the size, bilinear resize; then per-channel normalisation. Exported
+    models contain this module, so consumers need none of our constants."""
+
+    def __init__(self, native_size: int, input_size: int, mean: list[float], std: list[float]):
+        super().__init__()
+        self.native_size, self.input_size = native_size, input_size
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        gap = input_size - native_size
+        self.pad = gap // 2 if gap >= 0 and gap % 2 == 0 and gap <= native_size // 2 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x
+        if self.pad is not None and self.pad > 0:
+            x = F.pad(x, [self.pad] * 4)
+        elif self.pad is None:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        return (x - self.mean) / self.std
+
+    @classmethod
+    def for_contract(cls, meta: dict) -> "InputAdapter":
+        """The adapter of a complete contract (metadata keys native_size, image_size, mean, std)."""
+        return cls(meta["native_size"], meta["image_size"], meta["mean"], meta["std"])
+

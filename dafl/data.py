@@ -9,8 +9,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from dafl.datasets import (INFOS, DatasetInfo, InputAdapter, Split, dataset_info, load_split, select_classes,
-                           subset_info)
+from dafl.augment import random_shift_flip
+from dafl.contract import InputAdapter
+from dafl.datasets import (INFOS, DatasetInfo, Split, dataset_info, load_split, select_classes, subset_info)
 from dafl.errors import ConfigError
 
 
@@ -34,19 +35,6 @@ def stratified_holdout(labels: torch.Tensor, size: int, seed: int) -> torch.Tens
     return mask
 
 
-def random_shift_flip(x: torch.Tensor, shift: int, flip: bool) -> torch.Tensor:
-    """Batch augmentation on normalised tensors: one random translation of up to `shift`
-    pixels for the whole batch (cheap; padding is 0 in the normalised space, i.e. the mean
-    pixel) and, optionally, a horizontal flip of a random half of the images."""
-    if shift:
-        n, _, h, w = x.shape
-        padded = torch.nn.functional.pad(x, [shift] * 4)
-        dx, dy = torch.randint(0, 2 * shift + 1, (2,)).tolist()
-        x = padded[:, :, dy:dy + h, dx:dx + w]
-    if flip:
-        mask = torch.rand(x.shape[0], device=x.device) < 0.5
-        x = torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
-    return x
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -67,7 +55,7 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"val_size must be >= 0, got {val_size}")
         self.save_hyperparameters()
         self.info: DatasetInfo = dataset_info(dataset, root)
-        self.adapter = self.test_adapter = InputAdapter.for_dataset(self.info, input_size)
+        self.adapter = self.test_adapter = InputAdapter(self.info.size, input_size, self.info.mean, self.info.std)
         if test_dataset is not None:
             test_info = dataset_info(test_dataset)
             if test_info.channels != self.info.channels:
@@ -76,7 +64,7 @@ class ImageDataModule(L.LightningDataModule):
             # The networks serve the test dataset's task: every image gets its normalisation,
             # each dataset's images are padded/resized from their own native size.
             self.adapter = InputAdapter(self.info.size, input_size, test_info.mean, test_info.std)
-            self.test_adapter = InputAdapter.for_dataset(test_info, input_size)
+            self.test_adapter = InputAdapter(test_info.size, input_size, test_info.mean, test_info.std)
             self.info = test_info
         if classes is not None:
             if test_dataset is not None:
@@ -152,7 +140,7 @@ class DataFreeDataModule(L.LightningDataModule):
             raise ConfigError(f"unknown dataset {eval_dataset!r}; choose one of {', '.join(sorted(INFOS))}")
         self.save_hyperparameters()
         self.info: Optional[DatasetInfo] = dataset_info(eval_dataset, root) if eval_dataset else None
-        self.adapter = self.test_adapter = InputAdapter.for_dataset(self.info, input_size) if self.info else None
+        self.adapter = self.test_adapter = InputAdapter(self.info.size, input_size, self.info.mean, self.info.std) if self.info else None
         self._test: Optional[Split] = None
         self.missing_reason: Optional[str] = None
         if eval_dataset is not None and root is not None:

@@ -53,6 +53,8 @@ def argument_docs(function) -> dict[str, str]:
 def _default(value: Any) -> str:
     if value is inspect.Parameter.empty:
         return "required"
+    if isinstance(value, dict) and "class_path" in value:
+        return value["class_path"].rpartition(".")[2]
     text = repr(value) if not isinstance(value, str) else value
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -71,24 +73,34 @@ def class_options(class_path: str, prefix: str, config_values: dict) -> list[str
     return lines
 
 
+def _merge(base: dict, overlay: dict) -> dict:
+    """`overlay` over `base`, nested mappings merged; a new class_path drops the old init_args."""
+    if "class_path" in overlay and overlay["class_path"] != base.get("class_path"):
+        base = {}
+    merged = dict(base)
+    for key, value in overlay.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
 def fit_help(config_files: list[str]) -> str:
-    """The help text for `fit` with these config files (the last one's model and data win)."""
+    """The help text for `fit` with these config files (later ones override earlier ones)."""
     from dafl.errors import read_yaml_mapping
 
-    sections: dict[str, dict] = {}
+    config: dict = {}
     for path in config_files:
-        for key in ("model", "data"):
-            value = read_yaml_mapping(path, "config").get(key)
-            if isinstance(value, dict) and "class_path" in value:
-                sections[key] = value
-            elif isinstance(value, dict) and key in sections:  # init_args given without class_path
-                sections[key].setdefault("init_args", {}).update(value.get("init_args", value))
+        config = _merge(config, read_yaml_mapping(path, "config"))
     lines = ["usage: python -m dafl fit [--config FILE ...] [--model.OPTION VALUE ...] [--data.OPTION VALUE ...]",
              "", "Train by config: data-free distillation by default (configs/default.yaml).", "",
              "Run options:"]
     lines += [f"  {flag:<32s} {text}" for flag, text in COMMON]
-    for key in ("model", "data"):
-        if key in sections:
-            lines += ["", *class_options(sections[key]["class_path"], key, sections[key].get("init_args") or {})]
+    sections = [("model", config.get("model")), ("data", config.get("data"))]
+    source = ((config.get("model") or {}).get("init_args") or {}).get("source")
+    if isinstance(source, dict):
+        sections.insert(1, ("model.source", source))
+    for prefix, section in sections:
+        if isinstance(section, dict) and "class_path" in section:
+            lines += ["", *class_options(section["class_path"], prefix, section.get("init_args") or {})]
     lines += ["", "Every Trainer option (precision, devices, callbacks, ...): python -m dafl fit --help-all"]
     return "\n".join(lines)

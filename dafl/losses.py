@@ -1,5 +1,6 @@
-"""Data-free distillation losses as plain functions (DESIGN.md section 3 and the levers of
-section 4). Each takes tensors and returns a scalar; a preset is a set of weights."""
+"""Data-free distillation losses as plain functions of tensors (torch only): DAFL's one-hot,
+activation and information-entropy losses, KD, and the optional terms the generator can
+weigh in. Each takes tensors and returns a scalar."""
 from __future__ import annotations
 
 import math
@@ -17,21 +18,6 @@ def one_hot_loss(teacher_logits: torch.Tensor, targets: torch.Tensor | None = No
     return F.cross_entropy(teacher_logits, teacher_logits.argmax(dim=1) if targets is None else targets)
 
 
-@torch.no_grad()
-def balanced_targets(teacher_logits: torch.Tensor) -> torch.Tensor:
-    """One-hot targets with a class quota: every class gets ceil(n / classes) slots and the
-    images are assigned to slots so that the summed teacher log-probability of the assigned
-    classes is maximal (a linear assignment problem, scipy's Hungarian solver). Most images
-    keep their arg-max; the few that would overfill a class are pushed to the most likely
-    under-filled one, so the generator is asked for every class, including the ones the
-    teacher rarely predicts on synthetic images (Fashion-MNIST: trouser)."""
-    from scipy.optimize import linear_sum_assignment
-
-    n, num_classes = teacher_logits.shape
-    slots = -(-n // num_classes)
-    log_probs = F.log_softmax(teacher_logits.float(), dim=1).cpu().double()
-    _, columns = linear_sum_assignment(log_probs.repeat_interleave(slots, dim=1).numpy(), maximize=True)
-    return torch.as_tensor(columns // slots, device=teacher_logits.device)
 
 
 def activation_loss(teacher_features: torch.Tensor) -> torch.Tensor:
@@ -43,7 +29,7 @@ def information_entropy_loss(teacher_logits: torch.Tensor, log_base: float = 10.
     """sum(p_mean * log p_mean) over classes, p_mean = batch mean of softmax: minimising it
     maximises the entropy of the batch's class distribution, i.e. balanced classes.
 
-    A batch statistic: under DDP pass the all-gathered logits (see DataFreeDistillation).
+    A batch statistic: under DDP pass the all-gathered logits (see GeneratorSource).
     The official code uses log10; `log_base=math.e` gives nats.
     """
     mean_probs = F.softmax(teacher_logits.float(), dim=1).mean(dim=0)

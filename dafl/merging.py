@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from dafl.datasets import InputAdapter, dataset_info, load_split
+from dafl.contract import InputAdapter
+from dafl.datasets import dataset_info, load_split
 from dafl.errors import ConfigError, OneLineParser, read_yaml_mapping
 from dafl.weights import load_classifier, resolve, save_classifier
 from dafl.zipit import ZippedClassifier, build_zipped, feature_correlations, max_depth, reset_batchnorm
@@ -57,14 +58,14 @@ def real_images(meta: dict, count: int, seed: int) -> torch.Tensor:
     """`count` unlabeled training images of the teachers' dataset, every class (labels unused)."""
     train = load_split(meta["dataset"], "train")
     order = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(seed))[:count]
-    adapter = InputAdapter(meta["native_size"], meta["image_size"], meta["mean"], meta["std"])
+    adapter = InputAdapter.for_contract(meta)
     return adapter(train.images[order])
 
 
 def generator_images(teachers: list[torch.nn.Module], metas: list[dict], count: int, settings: dict,
                      seed: int) -> torch.Tensor:
     """Images from a DAFL generator trained against each teacher (no data), equal shares."""
-    from lightning_modules.generator import fit_generator
+    from dafl.generator import fit_generator
 
     shares = []
     for k, (teacher, meta) in enumerate(zip(teachers, metas)):
@@ -160,7 +161,7 @@ def zip_main(argv: list[str]) -> None:
                               f"({meta['arch']} has {depth_max} mergeable layers)")
     info = dataset_info(meta["dataset"])
     test = load_split(meta["dataset"], "test")
-    adapter = InputAdapter(meta["native_size"], meta["image_size"], meta["mean"], meta["std"])
+    adapter = InputAdapter.for_contract(meta)
     test_images, test_labels = adapter(test.images), test.labels
     out.mkdir(parents=True, exist_ok=True)
 

@@ -166,7 +166,7 @@ class NativeGenerator(nn.Module):
                  native_size: Optional[int] = None, mean: Optional[list[float]] = None,
                  std: Optional[list[float]] = None):
         super().__init__()
-        from dafl.datasets import InputAdapter
+        from dafl.contract import InputAdapter
 
         native_size = native_size or image_size
         if native_size % 4:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dafl.datasets import InputAdapter
+from dafl.contract import InputAdapter
 from dafl.losses import BatchNormStatistics, batchnorm_statistics_loss
 
 

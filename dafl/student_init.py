@@ -2,8 +2,9 @@
 folded into its convolutions, then every layer zipped down to the student's width within
 the one network (ZipIt!'s matching, `dafl.zipit`): the most correlated pairs of features
 are averaged into one, and the next layer reads the merged feature where it read each
-member. The correlations come from unlabeled images; `DataFreeDistillation` passes its
-pool of shapes inverted through the teacher, so no real data is needed.
+member. The correlations come from unlabeled images; `StudentDistillation` passes its
+image source's reference images (the pool of shapes inverted through the teacher), so
+no real data is needed.
 
 Why: the student's own randomness (its initialisation and batches) decides much of where
 it ends, mostly on the classes the teacher separates finely (coat, shirt, pullover on

@@ -3,10 +3,8 @@
 training data (set `teacher`)."""
 from __future__ import annotations
 
-import math
 from typing import Literal, Optional
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
@@ -16,20 +14,8 @@ from dafl.errors import ConfigError
 from dafl.losses import kd_loss
 from dafl.models import build_model
 from dafl.weights import load_classifier
+from lightning_modules.base import FrozenTeacherModule, check_optimizer
 
-
-def check_optimizer(factory: Optional[OptimizerCallable], name: str) -> Optional[OptimizerCallable]:
-    """Build the optimizer once on a dummy parameter so bad settings (lr <= 0, ...) fail
-    before anything is trained or written."""
-    if factory is not None:
-        try:
-            optimizer = factory([torch.nn.Parameter(torch.zeros(1))])
-        except ValueError as e:  # torch's own checks: "Invalid learning rate: -0.1", ...
-            raise ConfigError(f"{name}: {e}") from None
-        for key, value in optimizer.defaults.items():  # torch lets NaN and inf through
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{name}: {key} must be a finite number, got {value}")
-    return factory
 
 
 def build_scheduler(kind: str, optimizer: torch.optim.Optimizer, total_steps: int):
@@ -44,7 +30,7 @@ def build_scheduler(kind: str, optimizer: torch.optim.Optimizer, total_steps: in
     raise ConfigError(f"unknown scheduler {kind!r}; use none, cosine or onecycle")
 
 
-class ClassifierModule(L.LightningModule):
+class ClassifierModule(FrozenTeacherModule):
     def __init__(self, arch: str = "lenet5", num_classes: int = 10, in_channels: int = 1, image_size: int = 32,
                  optimizer: Optional[OptimizerCallable] = None, scheduler: Literal["none", "cosine", "onecycle"] = "onecycle",
                  teacher: Optional[str] = None, kd_temperature: float = 4.0, kd_weight: float = 1.0):
@@ -60,11 +46,9 @@ class ClassifierModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = check_optimizer(optimizer, "optimizer")
         self.net = build_model(arch, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
-        self.teacher = None
         if teacher is not None:
-            self.teacher, _ = load_classifier(teacher, num_classes=num_classes, in_channels=in_channels,
-                                              image_size=image_size)
-            self.teacher.eval().requires_grad_(False)
+            self.freeze_teacher(load_classifier(teacher, num_classes=num_classes, in_channels=in_channels,
+                                                image_size=image_size)[0])
         metric = lambda: MulticlassAccuracy(num_classes=num_classes, average="micro")  # noqa: E731
         self.train_acc, self.val_acc, self.test_acc = metric(), metric(), metric()
 
@@ -89,38 +73,17 @@ class ClassifierModule(L.LightningModule):
         return {**data, "kind": "classifier", "method": method, "arch": hp.arch, "num_classes": hp.num_classes,
                 "in_channels": hp.in_channels, "image_size": hp.image_size, "state_prefix": "net."}
 
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint["dafl"] = self.export_metadata()
-
     def on_load_checkpoint(self, checkpoint):
         meta = checkpoint.get("dafl", {})
         if "native_size" in meta:
             self.data_meta = {k: meta.get(k) for k in ("dataset", "native_size", "mean", "std", "class_names", "classes")}
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # the frozen teacher always predicts with its running statistics
-        return self
-
-    def state_dict(self, *args, **kwargs):
-        # The teacher is reloaded from its file; keep it out of checkpoints.
-        state = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        return type(state)((k, v) for k, v in state.items() if not k.startswith(prefix + "teacher."))
-
-    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("teacher.")}
-        if self.teacher is not None:
-            state_dict.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
-        return super().load_state_dict(state_dict, strict=strict, **kwargs)
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
         logits = self.net(images)
         loss = F.cross_entropy(logits, labels)
         self.log("train/loss_ce", loss)
-        if self.teacher is not None:
+        if self.frozen_teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.teacher(images)
             loss_kd = kd_loss(logits, teacher_logits, self.hparams.kd_temperature)

@@ -1,175 +1,156 @@
-"""The generator side of DAFL: a generator and the weighted losses that make the frozen
-teacher find its images meaningful. Composed by `DataFreeDistillation`."""
+"""The DAFL generator as an image source: a generator optimised against the frozen teacher
+(one-hot, activation and information-entropy losses, plus optional BatchNorm-statistics,
+adversarial and diversity terms), `steps` updates per iteration, alternating with the
+student's steps; or, with `joint_step`, the official code's single backward."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Literal, Optional
 
 import torch
-import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
-from dafl.datasets import missing_input_metadata
+from dafl.distributed import gather_with_grad
 from dafl.errors import ConfigError
-from dafl.losses import (BatchNormStatistics, activation_loss, batchnorm_statistics_loss,
-                         balanced_targets, information_entropy_loss, l1_disagreement, mode_seeking_loss, one_hot_loss)
-from dafl.models import PenultimateFeatures, build_model
+from dafl.generator import GeneratorObjective, ReplayMemory
+from lightning_modules.base import check_optimizer
+from lightning_modules.sources import HELD_OUT_SEED, ImageSource, require_contract
 
 
-class GeneratorObjective(nn.Module):
-    """Generator + loss weights. Every lever is a weight; zero switches it off (and skips
-    its computation where that saves work)."""
+class GeneratorSource(ImageSource):
+    """Student images from a DAFL generator trained alongside the student. The defaults are
+    the official MNIST recipe."""
 
-    def __init__(self, latent_dim: int, image_size: int, channels: int, width: int,
-                 one_hot_weight: float, activation_weight: float, entropy_weight: float, entropy_log_base: float,
-                 bn_stat_weight: float, adversarial_weight: float, num_classes: int = 10, conditional: bool = False,
-                 arch: str = "dafl", input_meta: Optional[dict] = None, diversity_weight: float = 0.0,
-                 balanced_one_hot: bool = False):
-        """`arch`: 'dafl' (the official generator, output in the normalised space) or
-        'native' (pixels at the dataset's native size through the real-input adapter; needs
-        `input_meta` with native_size, mean, std). `balanced_one_hot`: the one-hot loss
-        aims at `balanced_targets` (a class quota per batch) instead of the arg-max."""
-        super().__init__()
-        if conditional and num_classes > latent_dim:
-            raise ConfigError(f"class-conditional generation needs latent_dim >= {num_classes} classes")
-        self.num_classes, self.conditional, self.balanced_one_hot = num_classes, conditional, balanced_one_hot
-        shape = {"latent_dim": latent_dim, "image_size": image_size, "channels": channels, "width": width}
-        if arch == "native":
-            missing = missing_input_metadata(input_meta)
-            if missing:
-                raise ConfigError(f"generator_arch 'native' needs the teacher's {', '.join(missing)} (a teacher file "
-                                  "written by dafl has them); use generator_arch 'dafl'")
-            self.net = build_model("generator_native", **shape, native_size=input_meta["native_size"],
-                                   mean=input_meta["mean"], std=input_meta["std"])
-        elif arch == "dafl":
-            self.net = build_model("generator", **shape)
-        else:
-            raise ConfigError(f"unknown generator_arch {arch!r}; use 'dafl' or 'native'")
-        self.latent_dim = latent_dim
-        self.weights = {"oh": one_hot_weight, "a": activation_weight, "ie": entropy_weight,
-                        "bn": bn_stat_weight, "adv": adversarial_weight, "div": diversity_weight}
-        self.entropy_log_base = entropy_log_base
-        self._bn_hooks: Optional[BatchNormStatistics] = None
-        self._features: Optional[PenultimateFeatures] = None
-        self.register_buffer("frame_mask", None, persistent=False)
-        self.register_buffer("frame_value", None, persistent=False)
+    description = "generator samples"
 
-    def set_frame(self, border: int, value: torch.Tensor) -> None:
-        """Real inputs of a 28x28 dataset padded to 32 always carry a constant 2-pixel
-        border; make every synthetic image carry the same border (value per channel, in
-        the normalised space) so the generator spends nothing on pixels that never vary."""
-        size = self.net.image_size
-        mask = torch.zeros(1, 1, size, size)
-        mask[..., border:size - border, border:size - border] = 1.0
-        self.frame_mask, self.frame_value = mask, value.view(1, -1, 1, 1).float()
-
-    def attach(self, teacher: nn.Module, features: bool = True, feature_layer: Optional[str] = None) -> None:
-        """Find the teacher's penultimate features (`dafl.models.PenultimateFeatures`), if this
-        generator will be trained, and hook its BatchNorm layers if the statistics loss is on."""
-        if features and (self._features is None or self._features.network is not teacher):
-            if self._features is not None:
-                self._features.remove()
-            self._features = PenultimateFeatures(teacher, feature_layer)
-        if self.weights["bn"] > 0 and self._bn_hooks is None:
-            self._bn_hooks = BatchNormStatistics(teacher)
-            if not self._bn_hooks.layers:
-                raise ConfigError("bn_stat_weight > 0 needs a teacher with BatchNorm layers (e.g. lenet5_bn)")
-
-    def detach_hooks(self) -> None:
-        """Remove the hooks from the teacher (once this generator is done with it)."""
-        if self._features is not None:
-            self._features.remove()
-            self._features = None
-        if self._bn_hooks is not None:
-            self._bn_hooks.remove()
-            self._bn_hooks = None
-
-    def latents(self, n: int, device=None, generator: Optional[torch.Generator] = None
-                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """z ~ N(0, I); class-conditional: the first `num_classes` entries are replaced by the
-        one-hot code of a balanced list of target classes, which the one-hot loss enforces."""
-        z = torch.randn(n, self.latent_dim, generator=generator).to(device) if generator is not None \
-            else torch.randn(n, self.latent_dim, device=device)
-        if not self.conditional:
-            return z, None
-        targets = torch.arange(n, device=z.device) % self.num_classes
-        z[:, :self.num_classes] = F.one_hot(targets, self.num_classes).to(z.dtype)
-        return z, targets
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self._frame(self.net(z))
-
-    def _frame(self, images: torch.Tensor) -> torch.Tensor:
-        if self.frame_mask is None:
-            return images
-        return images * self.frame_mask + self.frame_value * (1 - self.frame_mask)
-
-    @torch.no_grad()
-    def sample(self, z: torch.Tensor) -> torch.Tensor:
-        """Images as training sees them (batch statistics), leaving running statistics alone."""
-        saved = [b.clone() for b in self.net.buffers()]
-        was_training = self.net.training
-        self.net.train()
-        images = self._frame(self.net(z))
-        self.net.train(was_training)
-        for b, s in zip(self.net.buffers(), saved):
-            b.copy_(s)
-        return images
-
-    def losses(self, images: torch.Tensor, teacher: nn.Module,
-               gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-               student: Optional[nn.Module] = None, targets: Optional[torch.Tensor] = None,
-               latents: Optional[torch.Tensor] = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Losses of generated `images` against the frozen teacher.
-
-        `gather` all-gathers a tensor over processes (with gradients): the information
-        entropy is a batch statistic and must see the global batch under DDP.
-        Returns (named losses incl. 'total', teacher logits, teacher features).
+    def __init__(self, latent_dim: int = 100, arch: Literal["dafl", "native"] = "dafl", width: int = 128,
+                 steps: int = 1, joint_step: bool = True, one_hot_weight: float = 1.0,
+                 activation_weight: float = 0.1, entropy_weight: float = 5.0, entropy_log_base: float = 10.0,
+                 bn_stat_weight: float = 0.0, adversarial_weight: float = 0.0, diversity_weight: float = 0.0,
+                 class_conditional: bool = False, balanced_one_hot: bool = False, native_padding: bool = False,
+                 replay_size: int = 0, feature_layer: Optional[str] = None,
+                 optimizer: Optional[OptimizerCallable] = None):
         """
-        w = self.weights
-        if self._bn_hooks is not None:
-            self._bn_hooks.recording = True
-        if self._features is None or self._features.network is not teacher:
-            self.attach(teacher, features=True)
-        teacher_logits, features = self._features(images)
-        if self._bn_hooks is not None:
-            self._bn_hooks.recording = False
-        if targets is None and self.balanced_one_hot:
-            targets = balanced_targets(teacher_logits)
-        losses = {"oh": one_hot_loss(teacher_logits, targets), "a": activation_loss(features),
-                  "ie": information_entropy_loss(gather(teacher_logits), self.entropy_log_base)}
-        if self._bn_hooks is not None:
-            losses["bn"] = batchnorm_statistics_loss(self._bn_hooks.pop())
-        if w["adv"] > 0 and student is not None:
-            # DFAD: the generator seeks images where student and teacher disagree.
-            losses["adv"] = -l1_disagreement(student(images), teacher_logits)
-        if w["div"] > 0 and latents is not None:
-            losses["div"] = mode_seeking_loss(latents, images)
-        losses["total"] = sum(w[k] * v for k, v in losses.items())
-        return losses, teacher_logits, features
+        Args:
+            latent_dim: size of the generator's latent vector.
+            arch: 'dafl' (the official generator, normalised output at the network's input size) or
+                'native' (pixels in [0, 1] at the teacher's native size, padded and normalised like
+                real inputs).
+            width: channels of the generator's first conv block (official 128).
+            steps: generator updates per iteration.
+            joint_step: the last generator update and the student's first step share one backward
+                (the official code: the student trains on the generator's pre-update batch, without
+                augmentation); otherwise the student's steps follow on fresh samples.
+            one_hot_weight: weight of DAFL's one-hot loss (cross-entropy against the teacher's arg-max).
+            activation_weight: weight of DAFL's activation loss (-mean |penultimate features|).
+            entropy_weight: weight of DAFL's information-entropy loss (class balance over a batch).
+            entropy_log_base: logarithm base of the information-entropy loss (official: 10).
+            bn_stat_weight: weight of DeepInversion's BatchNorm-statistics loss (needs a BatchNorm teacher).
+            adversarial_weight: weight of the DFAD term: the generator maximises the student-teacher L1
+                gap (not in the joint step, whose backward also reaches the student).
+            diversity_weight: weight of a mode-seeking term: different latents must give different images.
+            class_conditional: the generator gets a one-hot class code and the one-hot loss asks for it.
+            balanced_one_hot: the one-hot loss aims each batch at equal class quotas instead of the
+                arg-max (not with class_conditional, which balances by construction).
+            native_padding: generated images keep the constant border real inputs get when padded from
+                the teacher's native size (e.g. 28 -> 32); for arch 'dafl'.
+            replay_size: generated images kept for student steps to sample from (0: fresh samples only).
+            feature_layer: module of the teacher whose input is the penultimate feature vector of the
+                activation loss (default: the network's own `return_features`, else its last nn.Linear).
+            optimizer: the generator's optimizer (default: Adam, lr 0.2, the official MNIST recipe).
+        """
+        super().__init__()
+        for name, value in (("latent_dim", latent_dim), ("width", width), ("steps", steps)):
+            if value <= 0:
+                raise ConfigError(f"GeneratorSource {name} must be positive, got {value}")
+        weights = {"one_hot_weight": one_hot_weight, "activation_weight": activation_weight,
+                   "entropy_weight": entropy_weight, "bn_stat_weight": bn_stat_weight,
+                   "adversarial_weight": adversarial_weight, "diversity_weight": diversity_weight,
+                   "replay_size": replay_size}
+        for name, value in weights.items():
+            if value < 0:
+                raise ConfigError(f"GeneratorSource {name} must be >= 0, got {value}")
+        if entropy_log_base <= 1:
+            raise ConfigError(f"GeneratorSource entropy_log_base must be > 1, got {entropy_log_base}")
+        if balanced_one_hot and class_conditional:
+            raise ConfigError("balanced_one_hot and class_conditional both balance the classes: choose one")
+        if native_padding and arch == "native":
+            raise ConfigError("native_padding is for arch 'dafl'; the native generator pads like real inputs")
+        self.settings = dict(latent_dim=latent_dim, arch=arch, width=width, entropy_log_base=entropy_log_base,
+                             class_conditional=class_conditional, balanced_one_hot=balanced_one_hot, **weights)
+        self.steps, self.joint_step, self.native_padding = steps, joint_step, native_padding
+        self.replay_size, self.feature_layer = replay_size, feature_layer
+        self.optimizer_factory = check_optimizer(optimizer, "GeneratorSource optimizer")
+        self.val_latents: Optional[torch.Tensor] = None
 
+    def bind(self, teacher: nn.Module, contract: dict, student: nn.Module) -> None:
+        super().bind(teacher, contract, student)
+        s = self.settings
+        self.objective = GeneratorObjective(
+            s["latent_dim"], contract["image_size"], contract["in_channels"], s["width"], s["one_hot_weight"],
+            s["activation_weight"], s["entropy_weight"], s["entropy_log_base"], s["bn_stat_weight"],
+            s["adversarial_weight"], contract["num_classes"], s["class_conditional"], s["arch"], contract,
+            s["diversity_weight"], s["balanced_one_hot"])
+        if self.native_padding:
+            self._set_native_frame(contract)
+        self.objective.attach(teacher, features=True, feature_layer=self.feature_layer)
+        self.student = [student]  # not a child: the student module owns it
+        self.replay = ReplayMemory(self.replay_size, self.image_shape) if self.replay_size else None
 
-def fit_generator(teacher: nn.Module, meta: dict, iterations: int, batch_size: int = 256, width: int = 32,
-                  lr: float = 1e-3, one_hot_weight: float = 1.0, entropy_weight: float = 5.0,
-                  bn_stat_weight: float = 1.0, progress: Optional[str] = None) -> GeneratorObjective:
-    """Train a generator alone against a frozen `teacher` (no student): the images a
-    teacher finds meaningful, e.g. for data-free ZipIt merging. The native generator is
-    used when the teacher's metadata allows it, BN-statistics matching when the teacher
-    has BatchNorm layers."""
-    from tqdm import tqdm
+    def _set_native_frame(self, contract: dict) -> None:
+        require_contract(contract, "native_padding")
+        border = (contract["image_size"] - contract["native_size"]) // 2
+        if border <= 0 or contract["image_size"] - contract["native_size"] != 2 * border:
+            raise ConfigError(f"native_padding: the teacher's {contract['native_size']}px inputs are not padded "
+                              f"to {contract['image_size']}px")
+        pad_value = -torch.tensor(contract["mean"]) / torch.tensor(contract["std"])  # a black pixel, normalised
+        self.objective.set_frame(border, pad_value)
 
-    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules())
-    native = not missing_input_metadata(meta) and meta["native_size"] % 4 == 0
-    objective = GeneratorObjective(100, meta["image_size"], meta["in_channels"], width, one_hot_weight, 0.0,
-                                   entropy_weight, 10.0, bn_stat_weight if has_bn else 0.0, 0.0,
-                                   meta["num_classes"], arch="native" if native else "dafl", input_meta=meta)
-    teacher.eval().requires_grad_(False)
-    objective.attach(teacher)
-    optimizer = torch.optim.Adam(objective.parameters(), lr=lr, betas=(0.5, 0.999))
-    for _ in tqdm(range(iterations), desc=progress or "generator", disable=progress is None, leave=False):
-        z, _ = objective.latents(batch_size)
-        losses, _, _ = objective.losses(objective(z), teacher)
-        optimizer.zero_grad()
-        losses["total"].backward()
-        optimizer.step()
-    objective.detach_hooks()
-    return objective
+    @property
+    def device(self) -> torch.device:
+        return next(self.objective.parameters()).device
+
+    def configure_optimizer(self) -> torch.optim.Optimizer:
+        make = self.optimizer_factory or (lambda p: torch.optim.Adam(p, lr=0.2))
+        return make(self.objective.parameters())
+
+    def _generate(self, batch_size: int, student: Optional[nn.Module] = None):
+        z, targets = self.objective.latents(batch_size, device=self.device)
+        images = self.objective(z)
+        losses, teacher_logits, _ = self.objective.losses(images, self.teacher[0], gather_with_grad, student,
+                                                          targets, z)
+        return images, teacher_logits, losses
+
+    def update(self, module, batch_size: int) -> dict[str, torch.Tensor]:
+        optimizer = module.source_optimizer()
+        losses = {}
+        adversarial = self.student[0] if self.settings["adversarial_weight"] > 0 else None
+        for _ in range(self.steps - 1 if self.joint_step else self.steps):
+            images, _, losses = self._generate(batch_size, adversarial)
+            module.check_finite(losses)
+            optimizer.zero_grad()
+            module.manual_backward(losses["total"])
+            optimizer.step()
+            if self.replay is not None:
+                self.replay.push(images)
+        return losses
+
+    def joint_batch(self, batch_size: int):
+        return self._generate(batch_size) if self.joint_step else None
+
+    def sample(self, n: int) -> torch.Tensor:
+        if self.replay is not None:
+            return self.replay.sample(n)
+        return self.objective.sample(self.objective.latents(n, device=self.device)[0])
+
+    def held_out(self, count: int, batch_size: int) -> list[torch.Tensor]:
+        if self.val_latents is None or len(self.val_latents) != count:
+            bank, _ = self.objective.latents(count, generator=torch.Generator().manual_seed(HELD_OUT_SEED))
+            self.val_latents = bank
+        return [self.objective.sample(z.to(self.device)) for z in self.val_latents.split(batch_size)]
+
+    def networks(self) -> list[nn.Module]:
+        return [self.objective.net]
+
+    def memory_needs(self) -> dict[str, tuple[int, int]]:
+        return {"replay_size": (self.replay_size, 1)}

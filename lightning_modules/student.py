@@ -1,99 +1,302 @@
-"""The student side of DAFL: a small classifier that imitates the teacher on synthetic
-images (KD loss), with an optional replay memory of earlier synthetic batches (CMI-style)
-and batch augmentation. Composed by `DataFreeDistillation`."""
+"""The student side: a small classifier trained by KD to imitate the frozen teacher on
+images from an image source (`lightning_modules.sources`: a DAFL generator, an inverted
+pool of shapes, noise, or real images), validated without labels (student-teacher
+agreement on the source's held-out images) and tested on real data when there is some."""
 from __future__ import annotations
 
-import math
+import os
+from typing import Literal, Optional, Union
 
 import torch
-from torch import nn
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 
-from dafl.data import random_shift_flip
-from dafl.losses import kd_loss
+from dafl.augment import augment_batch
+from dafl.contract import complete_contract, contract_settings
+from dafl.datasets import dataset_contract
 from dafl.errors import ConfigError
-from dafl.models import build_network, output_classes
+from dafl.losses import kd_loss
+from dafl.models import build_network, output_classes, spec_name
+from dafl.student_init import check_zippable, zip_teacher_into_student
+from dafl.weights import load_classifier
+from lightning_modules.base import FrozenTeacherModule, check_optimizer
+from lightning_modules.sources import ImageSource, InvertedPool
+
+CHECKPOINT_FORMAT = 2  # 1: before image sources (one module with a generator always built)
 
 
-class ReplayMemory(nn.Module):
-    """Ring buffer of the most recent `capacity` synthetic images. Students trained only on
-    the newest batch forget what the generator made earlier; sampling from a memory of
-    recent batches makes each (expensive) generated image serve several student steps."""
+def physical_memory_bytes() -> int:
+    """This machine's memory in bytes (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
-    def __init__(self, capacity: int, image_shape: tuple[int, ...]):
+
+class StudentDistillation(FrozenTeacherModule):
+    monitor = "val/agreement"
+
+    def __init__(
+        self,
+        teacher: str = "checkpoints/fashion_mnist_lenet5_bn.safetensors",
+        source: Optional[ImageSource] = None,
+        teacher_arch: Optional[Union[str, dict]] = None,
+        teacher_key_prefix: Optional[str] = None,
+        teacher_input: Optional[dict] = None,
+        dataset: Optional[str] = None,
+        student_arch: Union[str, dict] = "lenet5_half",
+        student_init: Literal["random", "zip_teacher"] = "random",
+        batch_size: int = 256,
+        student_steps: int = 10,
+        kd_temperature: float = 1.0,
+        augment_shift: int = 0,
+        augment_flip: bool = False,
+        mixup_alpha: float = 1.0,
+        cutmix_prob: float = 0.5,
+        student_optimizer: Optional[OptimizerCallable] = None,
+        student_lr_schedule: Literal["constant", "cosine", "multistep"] = "cosine",
+        student_lr_milestones: list[int] = [],  # epochs at which the student's lr is divided by 10
+        student_lr_warmup: int = 50,
+        val_size: int = 1024,
+        channels_last: bool = False,
+        compile: bool = False,
+        finite_check_every: int = 1,
+    ):
+        """
+        Args:
+            teacher: weights file of the trained classifier: safetensors, a plain state dict (.pt/.pth)
+                or a Lightning .ckpt (its state_dict); files that would run code are refused.
+            source: where the student's images come from, by class_path: InvertedPool (default),
+                GeneratorSource, GaussianNoise, RealImages or Mixture (lightning_modules.sources).
+            teacher_arch: the teacher's network, if its file does not name it: a registered name
+                (`python -m dafl models`), `timm/NAME`, or a class path (`torchvision.models.resnet18`,
+                your own `package.module.Class`), as a string or {class_path, init_args}.
+            teacher_key_prefix: prefix stripped from the file's keys before they must match the network's
+                exactly (e.g. `model.` for a Lightning module that holds the network as `self.model`).
+            teacher_input: the teacher's input contract, for a file that does not record it: any of
+                input_size (what the network takes), native_size (real images), channels, mean, std.
+                Missing values come from the teacher file, then from `dataset`.
+            dataset: registered dataset whose conventions complete the input contract (`fit` uses
+                data.eval_dataset).
+            student_arch: the student's network: a registered name, `timm/NAME` or a class path, like
+                teacher_arch; it must return as many logits as the teacher.
+            student_init: 'random' (the architecture's own initialisation) or 'zip_teacher' (the
+                teacher's weights, BatchNorm folded, zipped to the student's width on the source's
+                reference images; LeNet-5 teacher and student). Not redone when a run resumes.
+            batch_size: images per student step (and per generator step).
+            student_steps: student updates per iteration.
+            kd_temperature: temperature of the KD loss.
+            augment_shift: random shift, in pixels, of every student batch (0: off).
+            augment_flip: random horizontal flip of half of each student batch.
+            mixup_alpha: blend each student image with another of its batch, weight ~ Beta(alpha, alpha);
+                the teacher labels the blend (0: off).
+            cutmix_prob: probability that a student batch gets CutMix instead of mixup (0: off).
+            student_optimizer: the student's optimizer (default: SGD, lr 0.1, momentum 0.9, wd 5e-4).
+            student_lr_schedule: 'constant', 'cosine' (to zero over the run) or 'multistep'.
+            student_lr_milestones: epochs at which a 'multistep' schedule divides the student's lr by 10.
+            student_lr_warmup: iterations over which the student's lr rises linearly to its value.
+            val_size: held-out source images for the label-free validation signal `val/agreement`
+                (student-teacher top-1 agreement).
+            channels_last: NHWC memory format for every network (speed only).
+            compile: `torch.compile` the networks in place (speed only; bf16 is the Trainer's `precision`).
+            finite_check_every: check the losses for NaN/inf every this many steps (a check waits for
+                the device; a NaN persists, so a later check still catches it).
+        """
         super().__init__()
-        self.capacity = capacity
-        self.register_buffer("images", torch.zeros(capacity, *image_shape))
-        self.register_buffer("count", torch.zeros((), dtype=torch.long))  # images ever pushed
+        self.save_hyperparameters(ignore=["source", "student_optimizer"])
+        self.automatic_optimization = False
+        for name in ("batch_size", "student_steps", "val_size", "finite_check_every"):
+            if self.hparams[name] <= 0:
+                raise ConfigError(f"{name} must be positive, got {self.hparams[name]}")
+        for name in ("augment_shift", "mixup_alpha", "student_lr_warmup"):
+            if self.hparams[name] < 0:
+                raise ConfigError(f"{name} must be >= 0, got {self.hparams[name]}")
+        if not 0 <= cutmix_prob <= 1 or kd_temperature <= 0:
+            raise ConfigError("cutmix_prob must be in [0, 1] and kd_temperature > 0")
+        self.student_optimizer_factory = check_optimizer(student_optimizer, "student_optimizer")
 
-    def push(self, images: torch.Tensor) -> None:
-        images = images.detach()[-self.capacity:]
-        start = int(self.count) % self.capacity
-        idx = (torch.arange(len(images), device=images.device) + start) % self.capacity
-        self.images[idx] = images.to(self.images.dtype)
-        self.count += len(images)
+        explicit = contract_settings(teacher_input)
+        defaults = dataset_contract(dataset) if dataset else {}
+        teacher_net, meta = load_classifier(teacher, arch=teacher_arch, in_channels=explicit.get("in_channels"),
+                                            image_size=explicit.get("image_size"), key_prefix=teacher_key_prefix,
+                                            defaults=defaults)
+        self.freeze_teacher(teacher_net)
+        self.teacher_meta = complete_contract(meta, explicit, defaults)
+        shape = {k: self.teacher_meta[k] for k in ("in_channels", "num_classes", "image_size")}
+        self.student = build_network(student_arch, **shape)
+        classes = output_classes(self.student, shape["in_channels"], shape["image_size"], f"student {student_arch}")
+        if classes != shape["num_classes"]:
+            raise ConfigError(f"the student {student_arch} returns {classes} logits but the teacher {shape['num_classes']}")
+        if student_init == "zip_teacher":
+            check_zippable(self.teacher, self.student)
+        self.source = source if source is not None else InvertedPool()
+        self.source.bind(self.teacher, self.teacher_meta, self.student)
+        self._check_memory()
+        for network in (self.teacher, self.student, *self.source.networks()):
+            if channels_last:
+                network.to(memory_format=torch.channels_last)
+            if compile:
+                network.compile()
 
-    def __len__(self) -> int:
-        return min(int(self.count), self.capacity)
+    def _check_memory(self):
+        """Sizes that cannot fit in this machine's memory fail now, in one line, not after
+        minutes of work (or an allocator traceback)."""
+        meta, memory = self.teacher_meta, physical_memory_bytes()
+        image_bytes = 4 * meta["in_channels"] * meta["image_size"] ** 2
+        # A training batch holds each image's activations too: about 64 images' worth for these networks.
+        needs = {"batch_size": (self.hparams.batch_size, 64), "val_size": (self.hparams.val_size, 1),
+                 **self.source.memory_needs()}
+        for name, (value, images_per_unit) in needs.items():
+            nbytes = value * images_per_unit * image_bytes
+            if memory and nbytes > memory // 2:
+                raise ConfigError(f"{name} {value:,} needs about {nbytes / 2**30:,.0f} GiB, more than half of this "
+                                  f"machine's {memory / 2**30:,.0f} GiB of memory")
 
-    def sample(self, n: int) -> torch.Tensor:
-        if len(self) == 0:
-            raise RuntimeError("replay memory is empty")
-        idx = torch.randint(0, len(self), (n,), device=self.images.device)
-        return self.images[idx]
-
-
-def mixup(images: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Each image blended with a random other one of the batch, weight ~ Beta(alpha, alpha)
-    per image (Zhang et al., 2018); no labels to mix: the teacher labels the blend."""
-    if alpha <= 0:
-        return images
-    weight = torch.distributions.Beta(alpha, alpha).sample((images.shape[0],)).to(images)
-    weight = weight.view(-1, *([1] * (images.dim() - 1)))
-    partner = images[torch.randperm(images.shape[0], device=images.device)]
-    return weight * images + (1 - weight) * partner
-
-
-def cutmix(images: torch.Tensor) -> torch.Tensor:
-    """Paste one box from a random partner of the batch into every image (Yun et al., 2019):
-    box area ~ U(0, 1) of the image, same box for the whole batch, partners by a random
-    permutation. Again the teacher labels the result, so the student learns from images
-    with parts of two synthetic objects (local evidence), unlike mixup's global blends."""
-    height, width = images.shape[-2:]
-    side = math.sqrt(torch.rand(()).item())  # box side fraction: area fraction ~ U(0, 1)
-    box_h, box_w = round(height * side), round(width * side)
-    top = int(torch.randint(0, height - box_h + 1, ()))
-    left = int(torch.randint(0, width - box_w + 1, ()))
-    partner = images[torch.randperm(images.shape[0], device=images.device)]
-    mixed = images.clone()
-    mixed[..., top:top + box_h, left:left + box_w] = partner[..., top:top + box_h, left:left + box_w]
-    return mixed
-
-
-class StudentObjective(nn.Module):
-    """Student network + KD settings (temperature, augmentation of synthetic batches)."""
-
-    def __init__(self, arch: str, in_channels: int, num_classes: int, image_size: int,
-                 temperature: float = 1.0, augment_shift: int = 0, augment_flip: bool = False,
-                 mixup_alpha: float = 0.0, cutmix_prob: float = 0.0):
-        super().__init__()
-        self.net = build_network(arch, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
-        classes = output_classes(self.net, in_channels, image_size, f"student {arch}")
-        if classes != num_classes:
-            raise ConfigError(f"the student {arch} returns {classes} logits but the teacher {num_classes}")
-        self.temperature, self.augment_shift, self.augment_flip = temperature, augment_shift, augment_flip
-        self.mixup_alpha, self.cutmix_prob = mixup_alpha, cutmix_prob
+    # ------------------------------------------------------------------ plumbing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.student(x)
 
-    def augment(self, images: torch.Tensor) -> torch.Tensor:
-        """Shift / flip, then CutMix (with probability `cutmix_prob`) or else mixup: the
-        teacher labels whatever the student sees, so every augmented or blended image is a
-        new, correctly labelled training point (benchmarks/explore/README.md)."""
-        images = random_shift_flip(images, self.augment_shift, self.augment_flip)
-        if self.cutmix_prob > 0 and torch.rand(()) < self.cutmix_prob:
-            return cutmix(images)
-        return mixup(images, self.mixup_alpha)
+    def setup(self, stage: str):
+        if stage == "fit" and self.trainer.world_size > 1:
+            # Same seed on every process would draw the same images everywhere: offset by rank.
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
+        info = getattr(self.trainer.datamodule, "info", None) if self.trainer else None
+        if info is not None:
+            for key, value in (("num_classes", info.num_classes), ("in_channels", info.channels)):
+                if self.teacher_meta[key] != value:
+                    raise ConfigError(f"the teacher has {key}={self.teacher_meta[key]} but dataset {info.name} has {value}")
 
-    def loss(self, images: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        return kd_loss(self.net(images), teacher_logits.detach(), self.temperature)
+    def export_metadata(self) -> dict:
+        """What `dafl export` needs to rebuild the student without the teacher."""
+        meta, hp = self.teacher_meta, self.hparams
+        info = getattr(self.trainer.datamodule, "info", None) if self._trainer else None
+        fallback = {"dataset": info.name, "native_size": info.size, "mean": info.mean, "std": info.std,
+                    "class_names": info.class_names} if info else {
+            "dataset": None, "native_size": meta["image_size"], "mean": [0.0] * meta["in_channels"],
+            "std": [1.0] * meta["in_channels"], "class_names": None}
+        return {**fallback, **{k: meta[k] for k in fallback if meta.get(k) is not None},
+                "kind": "student", "method": f"distillation from {type(self.source).__name__}",
+                "arch": spec_name(hp.student_arch), "num_classes": meta["num_classes"], "in_channels": meta["in_channels"],
+                "image_size": meta["image_size"], "teacher": str(hp.teacher), "teacher_arch": meta["arch"],
+                "state_prefix": "student.", "format": CHECKPOINT_FORMAT}
+
+    def on_load_checkpoint(self, checkpoint):
+        if checkpoint.get("dafl", {}).get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError("this checkpoint was written by an older dafl (before image sources) and cannot be "
+                              "resumed; `python -m dafl export --ckpt` still exports its student")
+
+    def on_train_epoch_start(self):
+        # The source's one-off work (an inverted pool) runs in the first epoch rather than at fit
+        # start, so that its time counts as training time (benchmarks time epochs).
+        trainer = self.trainer
+        self.source.prepare(show_progress=trainer.progress_bar_callback is not None and trainer.is_global_zero)
+        if self.hparams.student_init == "zip_teacher" and self.global_step == 0 and self.current_epoch == 0:
+            self._zip_teacher_into_student()
+
+    def _zip_teacher_into_student(self):
+        images = self.source.reference_images()
+        if images is None:
+            raise ConfigError(f"student_init 'zip_teacher' needs a source with reference images (InvertedPool, "
+                              f"RealImages), not {type(self.source).__name__}")
+        zip_teacher_into_student(self.teacher, self.student, images)
+        if self.trainer.world_size > 1:  # each rank zipped its own images: take rank 0's
+            self.student.load_state_dict(self.trainer.strategy.broadcast(self.student.state_dict(), src=0))
+        rank_zero_info("Student initialised from the teacher, zipped to its width on the source's images")
+
+    def check_finite(self, losses: dict[str, torch.Tensor]):
+        if self._batch_idx % self.hparams.finite_check_every:
+            return
+        for name, value in losses.items():
+            if not torch.isfinite(value):
+                raise FloatingPointError(f"loss {name} became {value.item()} at epoch {self.current_epoch}, "
+                                         f"iteration {self._batch_idx}")
+
+    def source_optimizer(self) -> Optional[torch.optim.Optimizer]:
+        optimizers = self.optimizers()
+        return optimizers[1] if isinstance(optimizers, list) else None
+
+    def kd(self, images: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return kd_loss(self.student(images), teacher_logits.detach(), self.hparams.kd_temperature)
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch, batch_idx):
+        self._batch_idx, hp = batch_idx, self.hparams
+        optimizers = self.optimizers()
+        opt_student = optimizers[0] if isinstance(optimizers, list) else optimizers
+        source_losses = self.source.update(self, hp.batch_size)
+        steps = hp.student_steps
+        joint = self.source.joint_batch(hp.batch_size)
+        if joint is not None:  # one backward for the source's loss and the student's KD loss
+            images, teacher_logits, source_losses = joint
+            loss_kd = self.kd(images.detach(), teacher_logits)
+            self.check_finite({**source_losses, "kd": loss_kd})
+            opt_source = self.source_optimizer()
+            opt_source.zero_grad()
+            opt_student.zero_grad()
+            self.manual_backward(source_losses["total"] + loss_kd)
+            opt_source.step()
+            opt_student.step()
+            steps -= 1
+        for _ in range(steps):
+            images = augment_batch(self.source.sample(hp.batch_size), hp.augment_shift, hp.augment_flip,
+                                   hp.mixup_alpha, hp.cutmix_prob)
+            with torch.no_grad():
+                teacher_logits = self.teacher(images)
+            loss_kd = self.kd(images, teacher_logits)
+            self.check_finite({"kd": loss_kd})
+            opt_student.zero_grad()  # also clears gradients an adversarial source term left on the student
+            self.manual_backward(loss_kd)
+            opt_student.step()
+        self._step_schedulers(batch_idx)
+        self.log_dict({f"train/loss_{k}": v.detach() for k, v in source_losses.items()}, batch_size=hp.batch_size)
+        self.log("train/loss_kd", loss_kd.detach(), prog_bar=True, batch_size=hp.batch_size)
+
+    def _step_schedulers(self, batch_idx: int):
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return
+        last_of_epoch = batch_idx == self.trainer.num_training_batches - 1
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            if not isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR) or last_of_epoch:
+                scheduler.step()
+
+    def configure_optimizers(self):
+        make = self.student_optimizer_factory or (
+            lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4))
+        opt_student = make(self.student.parameters())
+        opt_source = self.source.configure_optimizer()
+        schedule, warmup, schedulers = self.hparams.student_lr_schedule, self.hparams.student_lr_warmup, []
+        if schedule == "cosine":
+            total = max(1, self.trainer.estimated_stepping_batches)
+            schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt_student, T_max=total))
+        elif schedule == "multistep":
+            schedulers.append(torch.optim.lr_scheduler.MultiStepLR(opt_student, gamma=0.1,
+                                                                   milestones=self.hparams.student_lr_milestones))
+        if warmup:
+            # Chained after the main schedule: both step every iteration, their factors multiply.
+            schedulers.append(torch.optim.lr_scheduler.LinearLR(opt_student, start_factor=1.0 / warmup,
+                                                                total_iters=warmup))
+        optimizers = [opt_student] + ([opt_source] if opt_source is not None else [])
+        return (optimizers, schedulers) if schedulers else optimizers
+
+    # ------------------------------------------------------------------ label-free validation, real-data test
+
+    def held_out_images(self) -> list[torch.Tensor]:
+        return self.source.held_out(self.hparams.val_size, self.hparams.batch_size)
+
+    def validation_step(self, batch, batch_idx):
+        agree, kd, n = 0.0, 0.0, 0
+        for images in self.held_out_images():
+            teacher_logits, student_logits = self.teacher(images), self.student(images)
+            agree += (teacher_logits.argmax(1) == student_logits.argmax(1)).sum()
+            kd += kd_loss(student_logits, teacher_logits, self.hparams.kd_temperature) * len(images)
+            n += len(images)
+        self.log("val/agreement", agree / n, prog_bar=True, batch_size=n)
+        self.log("val/loss_kd", kd / n, batch_size=n)
+
+    def test_step(self, batch, batch_idx):
+        images, labels = batch
+        self.log("test/acc", (self.student(images).argmax(1) == labels).float().mean(), batch_size=len(labels))
+        self.log("test/teacher_acc", (self.teacher(images).argmax(1) == labels).float().mean(), batch_size=len(labels))

@@ -24,8 +24,8 @@ def user_path(monkeypatch):
 
 def tiny_fit(teacher, run_dir, *extra):
     return ["fit", "--model.teacher", teacher, "--data.eval_dataset", "digits", "--model.batch_size", "32",
-            "--model.val_size", "32", "--model.procedural_pool_size", "64", "--model.procedural_inversion_batch", "64",
-            "--model.procedural_inversion_steps", "2", "--model.student_steps", "2",
+            "--model.val_size", "32", "--model.source.pool_size", "64", "--model.source.inversion_batch", "64",
+            "--model.source.inversion_steps", "2", "--model.student_steps", "2",
             "--data.iterations_per_epoch", "10", "--trainer.max_epochs", "1",
             "--trainer.enable_progress_bar", "false", "--run_dir", run_dir, *extra]
 

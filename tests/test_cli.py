@@ -39,7 +39,7 @@ def test_help(run_cli):
 def test_print_config_of_the_default(run_cli):
     result = run_cli("fit", "--print_config")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "DataFreeDistillation" in result.stdout and "fashion_mnist_lenet5_bn.safetensors" in result.stdout
+    assert "StudentDistillation" in result.stdout and "fashion_mnist_lenet5_bn.safetensors" in result.stdout
 
 
 # compare.yaml and zipit.yaml belong to `compare` and `zip`, every other YAML to `fit`.
@@ -67,52 +67,50 @@ def _leaves(tree, prefix=""):
             for k, v in _leaves(value, f"{prefix}.{key}" if prefix else str(key)).items()}
 
 
-def test_the_2x_preset_is_the_default_with_only_its_budget_doubled():
-    # A whole file, so that it runs with one --config and the commands in benchmarks/accuracy.md
-    # stay valid (dafl_best.yaml and inverted_pool.yaml are symlinks to the default); this
-    # keeps it from drifting when the default changes.
+def _overlay(name: str) -> dict:
+    import yaml
+
+    return _leaves(yaml.safe_load((REPO / "configs/fashion_mnist" / f"{name}.yaml").read_text()))
+
+
+def test_presets_are_overlays_of_the_default_holding_only_what_differs():
     import yaml
 
     default = _leaves(yaml.safe_load((REPO / "configs/default.yaml").read_text()))
-    long = _leaves(yaml.safe_load((REPO / "configs/fashion_mnist/inverted_pool_long.yaml").read_text()))
-    doubled = ("trainer.max_epochs", "model.init_args.procedural_pool_size")
-    assert long == {**default, **{key: 2 * default[key] for key in doubled}}
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        if path.name in ("default.yaml", "compare.yaml", "zipit.yaml") or path.name.startswith("teacher_") or \
+                config["model"].get("class_path") == "lightning_modules.classifier.ClassifierModule":
+            continue
+        assert not path.is_symlink() and "class_path" not in config["model"], path
+        same = {k for k, v in _leaves(config).items() if default.get(k) == v and not k.endswith("class_path")}
+        assert not same - {"model.init_args.source.init_args.inversion_steps",
+                           "model.init_args.source.init_args.main.init_args.steps"}, (path, same)
 
 
-def test_the_fast_preset_is_the_default_at_a_quarter_budget_with_its_three_switches():
-    import yaml
-
-    default = _leaves(yaml.safe_load((REPO / "configs/default.yaml").read_text()))
-    fast = _leaves(yaml.safe_load((REPO / "configs/fashion_mnist/fast.yaml").read_text()))
-    quartered = ("trainer.max_epochs", "model.init_args.procedural_pool_size")
-    assert fast == {**default, **{key: default[key] // 4 for key in quartered},
-                    "model.init_args.student_init": "zip_teacher",
-                    "model.init_args.procedural_class_weights": [2, 1, 2, 1, 2, 1, 2, 1, 1, 1],
-                    "model.init_args.procedural_symmetric_classes": [0, 1, 2, 3, 4, 6, 8]}
-
-
-def test_the_fast_long_preset_is_the_fast_preset_at_twice_its_budget():
-    import yaml
-
-    fast = _leaves(yaml.safe_load((REPO / "configs/fashion_mnist/fast.yaml").read_text()))
-    long = _leaves(yaml.safe_load((REPO / "configs/fashion_mnist/fast_long.yaml").read_text()))
-    doubled = ("trainer.max_epochs", "model.init_args.procedural_pool_size")
+def test_the_long_presets_double_the_budget_of_what_they_overlay():
+    pool = "model.init_args.source.init_args.pool_size"
+    assert _overlay("inverted_pool_long") == {"trainer.max_epochs": 64, pool: 65536}
+    fast, long = _overlay("fast"), _overlay("fast_long")
+    doubled = ("trainer.max_epochs", pool)
     assert long == {**fast, **{key: 2 * fast[key] for key in doubled}}
 
 
 def test_stacked_configs_override_the_earlier_ones(run_cli, tmp_path):
     # README: a file with only the changed values, after the preset it changes.
     changes = tmp_path / "bigger_pool.yaml"
-    changes.write_text("trainer:\n  max_epochs: 3\nmodel:\n  init_args:\n    procedural_pool_size: 4096\n")
-    result = run_cli("fit", "--config", REPO / "configs/default.yaml", "--config", changes, "--print_config")
+    changes.write_text("trainer:\n  max_epochs: 3\nmodel:\n  init_args:\n    source:\n      init_args:\n"
+                       "        pool_size: 4096\n")
+    result = run_cli("fit", "--config", REPO / "configs/fashion_mnist/fast.yaml", "--config", changes, "--print_config")
     assert result.returncode == 0, result.stderr[-2000:]
     import yaml
 
     printed = yaml.safe_load(result.stdout)
     assert printed["trainer"]["max_epochs"] == 3
-    assert printed["model"]["init_args"]["procedural_pool_size"] == 4096
+    assert printed["model"]["init_args"]["source"]["init_args"]["pool_size"] == 4096
+    assert printed["model"]["init_args"]["student_init"] == "zip_teacher"  # from the preset
     assert printed["model"]["init_args"]["mixup_alpha"] == 1.0  # the rest comes from the default
-    assert printed["model"]["class_path"] == "lightning_modules.data_free.DataFreeDistillation"
+    assert printed["model"]["class_path"] == "lightning_modules.student.StudentDistillation"
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs").rglob("compare.yaml")), ids=lambda p: p.parent.name)
@@ -147,11 +145,11 @@ def test_corrupt_teacher_file(run_cli, tmp_path):
 
 @pytest.mark.parametrize("flag,value,message", [
     ("--model.batch_size", "0", "batch_size must be positive"),
-    ("--model.entropy_weight", "-1", "entropy_weight must be >= 0"),
+    ("--model.source.pool_size", "0", "pool_size must be positive"),
     ("--model.cutmix_prob", "1.5", "cutmix_prob must be in [0, 1]"),
     ("--model.student_arch", "lenet9", "unknown architecture"),
     ("--data.eval_dataset", "svhn", "unknown dataset"),
-    ("--model.procedural_symmetric_classes", "[0,10]", "procedural_symmetric_classes must be distinct class indices"),
+    ("--model.source.symmetric_classes", "[0,10]", "symmetric_classes must be distinct class indices"),
 ])
 def test_bad_hyperparameters(capsys, tmp_path, flag, value, message):
     assert message in in_process_error(capsys, "fit", flag, value, "--run_dir", tmp_path / "r")
@@ -159,7 +157,7 @@ def test_bad_hyperparameters(capsys, tmp_path, flag, value, message):
 
 @pytest.mark.parametrize("flag,value,key", [
     ("--model.cutmix_prob", "abc", "--model.cutmix_prob: Expected a float"),
-    ("--model.balanced_one_hot", "maybe", "--model.balanced_one_hot: Expected a bool"),
+    ("--model.augment_flip", "maybe", "--model.augment_flip: Expected a bool"),
     ("--trainer.max_epochs", "x", "--trainer.max_epochs: Expected a int, got 'x'"),
     ("--model.no_such_option", "1", "Option 'no_such_option' is not accepted"),
     ("--config", "missing.yaml", "File does not exist"),
@@ -171,8 +169,8 @@ def test_rejected_option_is_one_line_and_leaves_no_folder(capsys, tmp_path, flag
 
 
 def test_run_rejected_after_parsing_leaves_no_empty_folder(run_cli, tmp_path):
-    line = one_line_error(run_cli("fit", "--model.balanced_one_hot", "true", "--model.class_conditional", "true",
-                                  "--run_dir", tmp_path / "new" / "run"))
+    line = one_line_error(run_cli("fit", "--model.source", "GeneratorSource", "--model.source.balanced_one_hot", "true",
+                                  "--model.source.class_conditional", "true", "--run_dir", tmp_path / "new" / "run"))
     assert "choose one" in line
     assert not (tmp_path / "new").exists()
 
@@ -204,7 +202,7 @@ def test_bad_export_arguments(run_cli, tmp_path):
 
 def test_fit_refuses_to_overwrite_a_run_then_overwrites_on_request(run_cli, tmp_path, digits_teacher):
     args = ["fit", "--model.teacher", digits_teacher[0], "--data.eval_dataset", "digits", "--model.batch_size", "32",
-            "--model.generator_width", "16", "--model.val_size", "32", "--model.procedural_pool_size", "64",
+            "--model.val_size", "32", "--model.source.pool_size", "64",
             "--data.iterations_per_epoch", "3",
             "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", "--run_dir", tmp_path / "run"]
     first = run_cli(*args)
@@ -226,8 +224,8 @@ def test_fit_refuses_to_overwrite_a_run_then_overwrites_on_request(run_cli, tmp_
 
 def test_fit_without_real_test_data_still_trains(run_cli, tmp_path, digits_teacher):
     result = run_cli("fit", "--model.teacher", digits_teacher[0], "--data.eval_dataset", "null",
-                     "--model.batch_size", "16", "--model.generator_width", "16",
-                     "--model.val_size", "16", "--model.procedural_pool_size", "64", "--data.iterations_per_epoch", "2",
+                     "--model.batch_size", "16",
+                     "--model.val_size", "16", "--model.source.pool_size", "64", "--data.iterations_per_epoch", "2",
                      "--trainer.max_epochs", "1",
                      "--trainer.enable_progress_bar", "false", "--run_dir", tmp_path / "run")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -17,9 +17,8 @@ def compare_run(digits_teacher, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("compare")
     # The best preset with a small pool of inverted shapes, so that the tiny budget stays tiny.
-    best = yaml.safe_load((REPO / "configs/fashion_mnist/dafl_best.yaml").read_text())
-    best["model"]["init_args"]["procedural_pool_size"] = 64
-    (root / "best.yaml").write_text(yaml.safe_dump(best))
+    (root / "best.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"source": {"init_args": {
+        "pool_size": 64}}}}}))  # an overlay of configs/default.yaml
     config = root / "compare.yaml"
     config.write_text(f"""
 teacher: {digits_teacher[0]}
@@ -81,15 +80,20 @@ def test_unknown_row_is_a_one_line_error(compare_run):
     assert result.returncode == 2 and "unknown rows" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_gaussian_row_is_noise_only_whatever_the_best_preset():
-    """The "Normal distribution" row reuses the best preset's settings, but its student must
-    see Gaussian noise alone: no replay memory, no procedural shapes."""
+def test_student_rows_are_the_best_preset_with_another_image_source():
+    """Every distillation row runs the best preset's student loop; only the image source
+    differs: noise, the dataset's own images (labels unused), another dataset's images."""
     from dafl.compare import BUDGETS, build_rows
 
     cfg = {"teacher": "t.safetensors", "student_arch": "lenet5_half", "dataset": "fashion-mnist",
-           "supervised_config": "s.yaml", "official_config": "o.yaml", "best_config": "b.yaml"}
-    args = next(row.args for row in build_rows(cfg, BUDGETS["tiny"]) if row.name == "gaussian")
-    settings = dict(zip(args[::2], args[1::2]))
-    assert settings["--model.init_args.synthetic"] == "gaussian"
-    for key in ("replay_size", "procedural_fraction", "procedural_inversion_steps"):
-        assert settings[f"--model.init_args.{key}"] == "0"
+           "alternative_dataset": "mnist-5k", "supervised_config": "s.yaml", "official_config": "o.yaml",
+           "best_config": "b.yaml"}
+    rows = {row.name: dict(zip(row.args[::2], row.args[1::2])) for row in build_rows(cfg, BUDGETS["tiny"])
+            if row.args is not None}
+    source = "--model.init_args.source"
+    assert rows["gaussian"][source] == "lightning_modules.sources.GaussianNoise"
+    for name, dataset in (("kd", "fashion-mnist"), ("alternative", "mnist-5k")):
+        assert rows[name][source] == "lightning_modules.sources.RealImages"
+        assert rows[name][f"{source}.init_args.dataset"] == dataset
+        assert rows[name]["--config"] == "b.yaml" and rows[name]["--data.init_args.eval_dataset"] == "fashion-mnist"
+    assert source not in rows["dafl_best"] and rows["dafl_best"]["--config"] == "b.yaml"

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from dafl.data import DataFreeDataModule, ImageDataModule, stratified_holdout
-from dafl.datasets import InputAdapter, dataset_info, is_available, load_split
+from dafl.contract import InputAdapter
+from dafl.datasets import dataset_info, is_available, load_split
 from dafl.errors import ConfigError
 
 needs_fashion = pytest.mark.skipif(not is_available("fashion-mnist"),

@@ -11,15 +11,16 @@ from dafl.datasets import load_split
 from dafl.errors import ConfigError
 from dafl import load_student
 from dafl.export import export_classifier, read_checkpoint
-from lightning_modules.data_free import DataFreeDistillation
+from lightning_modules.generator import GeneratorSource
+from lightning_modules.student import StudentDistillation
 
 
 @pytest.fixture(scope="module")
 def student_run(digits_teacher, tmp_path_factory):
     """A briefly trained data-free student checkpoint and its export folder."""
     root = tmp_path_factory.mktemp("run")
-    model = DataFreeDistillation(teacher=str(digits_teacher[0]), schedule="alternating", student_steps=2,
-                                 latent_dim=16, generator_width=16, batch_size=32, val_size=32)
+    model = StudentDistillation(teacher=str(digits_teacher[0]), source=GeneratorSource(latent_dim=16, width=16,
+                                joint_step=False), student_steps=2, batch_size=32, val_size=32)
     data = DataFreeDataModule("digits", iterations_per_epoch=20)
     trainer = quiet_trainer(max_epochs=1, num_sanity_val_steps=0, enable_checkpointing=True,
                             callbacks=[ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)])
@@ -70,7 +71,7 @@ def test_pt2_loads_and_matches(student_run, batch):
 def test_load_student_round_trip(student_run):
     _, out, model, _ = student_run
     loaded = load_student(out / "student.safetensors")
-    for k, v in model.student.net.state_dict().items():
+    for k, v in model.student.state_dict().items():
         assert torch.equal(loaded.net.state_dict()[k], v)
     assert not loaded.training
 

@@ -71,7 +71,7 @@ def test_generator_rejects_bad_image_size():
 def test_native_generator_draws_pixels_like_real_inputs(native, size, channels):
     """Pixels in [0, 1] at the native size, then the real-input adapter: a 28 -> 32 border is
     exactly the normalised black of real padded images."""
-    from dafl.datasets import InputAdapter
+    from dafl.contract import InputAdapter
 
     mean, std = [0.3] * channels, [0.4] * channels
     gen = build_model("generator_native", latent_dim=20, image_size=size, channels=channels, width=16,

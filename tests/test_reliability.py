@@ -13,12 +13,13 @@ from conftest import quiet_trainer
 from dafl.callbacks import IntervalCheckpoint
 from dafl.data import DataFreeDataModule
 from dafl.losses import information_entropy_loss
-from lightning_modules.data_free import DataFreeDistillation
+from lightning_modules.generator import GeneratorSource
+from lightning_modules.student import StudentDistillation
 
 
 def _small_fit_args(teacher, run_dir, epochs):
     return ["fit", "--model.teacher", str(teacher), "--data.eval_dataset", "digits", "--model.batch_size", "32",
-            "--model.generator_width", "16", "--model.val_size", "32", "--model.procedural_pool_size", "64",
+            "--model.val_size", "32", "--model.source.pool_size", "64",
             "--data.iterations_per_epoch", "40",
             "--trainer.max_epochs", str(epochs), "--trainer.enable_progress_bar", "false",
             "--checkpoint_minutes", "0.02", "--run_dir", str(run_dir)]
@@ -52,8 +53,8 @@ def test_sigkill_mid_epoch_then_resume_finishes(digits_teacher, tmp_path):
 
 def test_interval_checkpoint_is_a_full_checkpoint_saved_without_lightnings_default_notice(digits_teacher, tmp_path,
                                                                                           caplog):
-    model = DataFreeDistillation(teacher=str(digits_teacher[0]), schedule="alternating", student_steps=2,
-                                 replay_size=256, latent_dim=16, generator_width=16, batch_size=32, val_size=32)
+    model = StudentDistillation(teacher=str(digits_teacher[0]), student_steps=2, batch_size=32, val_size=32,
+                                source=GeneratorSource(latent_dim=16, width=16, joint_step=False, replay_size=256))
     path = tmp_path / "last.ckpt"
     trainer = quiet_trainer(max_epochs=1, num_sanity_val_steps=0, callbacks=[IntervalCheckpoint(str(path), minutes=0)])
     with caplog.at_level("INFO", logger="lightning.pytorch"):
@@ -65,8 +66,8 @@ def test_interval_checkpoint_is_a_full_checkpoint_saved_without_lightnings_defau
 
 def _train_briefly(teacher, seed):
     L.seed_everything(seed, verbose=False)
-    model = DataFreeDistillation(teacher=str(teacher), schedule="alternating", student_steps=2, replay_size=256,
-                                 bn_stat_weight=1.0, latent_dim=16, generator_width=16, batch_size=32, val_size=32)
+    source = GeneratorSource(latent_dim=16, width=16, joint_step=False, replay_size=256, bn_stat_weight=1.0)
+    model = StudentDistillation(teacher=str(teacher), source=source, student_steps=2, batch_size=32, val_size=32)
     trainer = quiet_trainer(max_epochs=2, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=DataFreeDataModule(None, iterations_per_epoch=5))
     return model.student.state_dict()

@@ -18,8 +18,8 @@ from test_cli import in_process_error, one_line_error
 
 def small_fit(teacher, run_dir, *extra, epochs=2):
     return ["fit", "--model.teacher", teacher, "--data.eval_dataset", "digits", "--model.batch_size", "32",
-            "--model.val_size", "32", "--model.procedural_pool_size", "64", "--model.procedural_inversion_batch", "64",
-            "--model.procedural_inversion_steps", "2", "--model.student_steps", "2",
+            "--model.val_size", "32", "--model.source.pool_size", "64", "--model.source.inversion_batch", "64",
+            "--model.source.inversion_steps", "2", "--model.student_steps", "2",
             "--data.iterations_per_epoch", "20", "--trainer.max_epochs", str(epochs),
             "--trainer.enable_progress_bar", "false", "--run_dir", run_dir, *extra]
 
@@ -117,8 +117,8 @@ def test_sigterm_while_building_the_pool_stops_at_once(digits_teacher, tmp_path)
     from conftest import REPO
 
     run_dir = tmp_path / "run"
-    args = small_fit(digits_teacher[0], run_dir, "--model.procedural_pool_size", "200000",
-                     "--model.procedural_inversion_steps", "50")
+    args = small_fit(digits_teacher[0], run_dir, "--model.source.pool_size", "200000",
+                     "--model.source.inversion_steps", "50")
     proc = subprocess.Popen([sys.executable, "-m", "dafl", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO)
     deadline = time.time() + 120
@@ -187,7 +187,7 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_a_rerun(ru
     ("--trainer.max_epochs", "0", "max_epochs must be at least 1"),
     ("--trainer.max_epochs", "-3", "max_epochs must be at least 1"),
     ("--model.student_optimizer.lr", ".nan", "finite"),
-    ("--model.procedural_pool_size", "1000000000000", "memory"),
+    ("--model.source.pool_size", "1000000000000", "memory"),
     ("--model.batch_size", "1000000000000", "memory"),
 ])
 def test_values_that_cannot_work_are_refused_up_front(capsys, digits_teacher, tmp_path, flag, value, message):
@@ -233,8 +233,8 @@ def test_usage_errors_are_one_line(capsys, run_cli, tmp_path):
 def test_fit_help_leads_with_the_model_options(run_cli):
     result = run_cli("fit", "--help")
     assert result.returncode == 0 and len(result.stdout.splitlines()) < 120
-    pool = [l for l in result.stdout.splitlines() if "--model.procedural_pool_size" in l]
-    assert pool and "inverted pool" in pool[0]
+    source = [l for l in result.stdout.splitlines() if l.strip().startswith("--model.source ")]
+    assert source and "InvertedPool" in source[0]
     assert "--help-all" in result.stdout
 
 

@@ -1,5 +1,5 @@
 """dafl.student_init: a student made from the teacher's weights (BatchNorm folded, each layer
-zipped to the student's width), and DataFreeDistillation's `student_init: zip_teacher`."""
+zipped to the student's width), and StudentDistillation's `student_init: zip_teacher`."""
 import pytest
 import torch
 from torch import nn
@@ -9,7 +9,8 @@ from dafl.data import DataFreeDataModule
 from dafl.errors import ConfigError
 from dafl.models import build_model
 from dafl.student_init import check_zippable, fold_batchnorm, zip_teacher_into_student
-from lightning_modules.data_free import DataFreeDistillation
+from lightning_modules.sources import InvertedPool
+from lightning_modules.student import StudentDistillation
 
 
 def randomise_batchnorm(net: nn.Module) -> nn.Module:
@@ -83,34 +84,31 @@ def test_unzippable_pairs_are_one_line_config_errors(teacher, student, message):
         check_zippable(build_model(teacher, in_channels=channels), build_model(student))
 
 
-def test_zip_teacher_needs_the_inverted_pool(digits_teacher):
-    with pytest.raises(ConfigError, match="procedural_inversion_steps"):
-        DataFreeDistillation(teacher=str(digits_teacher[0]), student_init="zip_teacher")
-    with pytest.raises(ConfigError, match="student_init"):
-        DataFreeDistillation(teacher=str(digits_teacher[0]), student_init="teacher")
+def test_zip_teacher_needs_lenet5s(digits_teacher):
+    with pytest.raises(ConfigError, match="zip_teacher"):
+        StudentDistillation(teacher=str(digits_teacher[0]), student_arch="resnet18", student_init="zip_teacher")
 
 
 def test_fit_starts_the_student_from_the_zipped_teacher(digits_teacher):
     import lightning as L
 
-    settings = dict(teacher=str(digits_teacher[0]), schedule="alternating", synthetic="inverted",
-                    procedural_inversion_steps=2, procedural_pool_size=128, batch_size=32, val_size=64,
-                    student_init="zip_teacher")
+    settings = dict(teacher=str(digits_teacher[0]), source=InvertedPool(pool_size=128, inversion_steps=2),
+                    batch_size=32, val_size=64, student_init="zip_teacher")
 
     class FirstStep(L.Callback):
         weights = None
 
         def on_train_batch_start(self, trainer, module, *args):
             if FirstStep.weights is None:
-                FirstStep.weights = {k: v.clone() for k, v in module.student.net.state_dict().items()}
+                FirstStep.weights = {k: v.clone() for k, v in module.student.state_dict().items()}
 
     L.seed_everything(0, verbose=False)
-    model = DataFreeDistillation(**settings)
-    random_start = {k: v.clone() for k, v in model.student.net.state_dict().items()}
+    model = StudentDistillation(**settings)
+    random_start = {k: v.clone() for k, v in model.student.state_dict().items()}
     trainer = quiet_trainer(max_epochs=1, num_sanity_val_steps=0, callbacks=[FirstStep()])
     trainer.fit(model, datamodule=DataFreeDataModule(None, iterations_per_epoch=2))
     expected = build_model("lenet5_half", num_classes=model.teacher_meta["num_classes"])
-    zip_teacher_into_student(model.teacher, expected, model.procedural_pool)
+    zip_teacher_into_student(model.teacher, expected, model.source.pool)
     for key, value in expected.state_dict().items():
         assert torch.equal(FirstStep.weights[key], value), key  # trained from the zip, not from the random init
         assert not torch.equal(random_start[key], value), key
@@ -119,7 +117,8 @@ def test_fit_starts_the_student_from_the_zipped_teacher(digits_teacher):
 DDP_SCRIPT = '''
 import sys, torch, lightning as L
 from dafl.data import DataFreeDataModule
-from lightning_modules.data_free import DataFreeDistillation
+from lightning_modules.sources import InvertedPool
+from lightning_modules.student import StudentDistillation
 
 teacher, out = sys.argv[1], sys.argv[2]
 
@@ -130,14 +129,13 @@ class SaveFirstStep(L.Callback):
     def on_train_batch_start(self, trainer, module, *args):
         if not SaveFirstStep.saved:
             SaveFirstStep.saved = True
-            torch.save({"student": module.student.net.state_dict(), "pool": module.procedural_pool},
+            torch.save({"student": module.student.state_dict(), "pool": module.source.pool},
                        f"{out}/rank{trainer.global_rank}.pt")
 
 
 L.seed_everything(0, verbose=False)
-model = DataFreeDistillation(teacher=teacher, schedule="alternating", synthetic="inverted",
-                             procedural_inversion_steps=2, procedural_pool_size=64, batch_size=16,
-                             val_size=32, student_init="zip_teacher")
+model = StudentDistillation(teacher=teacher, source=InvertedPool(pool_size=64, inversion_steps=2), batch_size=16,
+                            val_size=32, student_init="zip_teacher")
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, limit_val_batches=0,
                     num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False, callbacks=[SaveFirstStep()])
