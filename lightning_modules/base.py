@@ -4,6 +4,7 @@ optimizer settings checked before anything runs."""
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import lightning as L
@@ -26,6 +27,40 @@ def check_optimizer(factory: Optional[OptimizerCallable], name: str) -> Optional
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{name}: {key} must be a finite number, got {value}")
     return factory
+
+
+def physical_memory_bytes() -> int:
+    """This machine's memory in bytes (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_memory(needs: dict[str, tuple[int, int]], image_bytes: int) -> None:
+    """Settings {name: (value, images held per unit)} that cannot fit in this machine's
+    memory fail now, in one line, not after minutes of work (or an allocator traceback)."""
+    memory = physical_memory_bytes()
+    for name, (value, images_per_unit) in needs.items():
+        nbytes = value * images_per_unit * image_bytes
+        if memory and nbytes > memory // 2:
+            raise ConfigError(f"{name} {value:,} needs about {nbytes / 2**30:,.0f} GiB, more than half of this "
+                              f"machine's {memory / 2**30:,.0f} GiB of memory")
+
+
+def student_schedulers(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, milestones: list[int],
+                       warmup: int) -> list:
+    """'constant', 'cosine' (to zero over `total_steps`) or 'multistep' (lr / 10 at each
+    milestone epoch), times a linear warm-up over `warmup` iterations."""
+    schedulers = []
+    if schedule == "cosine":
+        schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps)))
+    elif schedule == "multistep":
+        schedulers.append(torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1))
+    if warmup:
+        # Chained after the main schedule: both step every iteration, their factors multiply.
+        schedulers.append(torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup))
+    return schedulers
 
 
 class FrozenTeacherModule(L.LightningModule):

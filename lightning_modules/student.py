@@ -4,7 +4,6 @@ pool of shapes, noise, or real images), validated without labels (student-teache
 agreement on the source's held-out images) and tested on real data when there is some."""
 from __future__ import annotations
 
-import os
 from typing import Literal, Optional, Union
 
 import torch
@@ -19,18 +18,10 @@ from dafl.losses import kd_loss
 from dafl.models import build_network, output_classes, spec_name
 from dafl.student_init import check_zippable, zip_teacher_into_student
 from dafl.weights import load_classifier
-from lightning_modules.base import FrozenTeacherModule, check_optimizer
+from lightning_modules.base import FrozenTeacherModule, check_memory, check_optimizer, student_schedulers
 from lightning_modules.sources import ImageSource, InvertedPool
 
 CHECKPOINT_FORMAT = 2  # 1: before image sources (one module with a generator always built)
-
-
-def physical_memory_bytes() -> int:
-    """This machine's memory in bytes (0 where the OS does not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 class StudentDistillation(FrozenTeacherModule):
@@ -131,26 +122,14 @@ class StudentDistillation(FrozenTeacherModule):
             check_zippable(self.teacher, self.student)
         self.source = source if source is not None else InvertedPool()
         self.source.bind(self.teacher, self.teacher_meta, self.student)
-        self._check_memory()
+        # A training batch holds each image's activations too: about 64 images' worth for these networks.
+        check_memory({"batch_size": (batch_size, 64), "val_size": (val_size, 1), **self.source.memory_needs()},
+                     image_bytes=4 * shape["in_channels"] * shape["image_size"] ** 2)
         for network in (self.teacher, self.student, *self.source.networks()):
             if channels_last:
                 network.to(memory_format=torch.channels_last)
             if compile:
                 network.compile()
-
-    def _check_memory(self):
-        """Sizes that cannot fit in this machine's memory fail now, in one line, not after
-        minutes of work (or an allocator traceback)."""
-        meta, memory = self.teacher_meta, physical_memory_bytes()
-        image_bytes = 4 * meta["in_channels"] * meta["image_size"] ** 2
-        # A training batch holds each image's activations too: about 64 images' worth for these networks.
-        needs = {"batch_size": (self.hparams.batch_size, 64), "val_size": (self.hparams.val_size, 1),
-                 **self.source.memory_needs()}
-        for name, (value, images_per_unit) in needs.items():
-            nbytes = value * images_per_unit * image_bytes
-            if memory and nbytes > memory // 2:
-                raise ConfigError(f"{name} {value:,} needs about {nbytes / 2**30:,.0f} GiB, more than half of this "
-                                  f"machine's {memory / 2**30:,.0f} GiB of memory")
 
     # ------------------------------------------------------------------ plumbing
 
@@ -267,17 +246,9 @@ class StudentDistillation(FrozenTeacherModule):
             lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4))
         opt_student = make(self.student.parameters())
         opt_source = self.source.configure_optimizer()
-        schedule, warmup, schedulers = self.hparams.student_lr_schedule, self.hparams.student_lr_warmup, []
-        if schedule == "cosine":
-            total = max(1, self.trainer.estimated_stepping_batches)
-            schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt_student, T_max=total))
-        elif schedule == "multistep":
-            schedulers.append(torch.optim.lr_scheduler.MultiStepLR(opt_student, gamma=0.1,
-                                                                   milestones=self.hparams.student_lr_milestones))
-        if warmup:
-            # Chained after the main schedule: both step every iteration, their factors multiply.
-            schedulers.append(torch.optim.lr_scheduler.LinearLR(opt_student, start_factor=1.0 / warmup,
-                                                                total_iters=warmup))
+        hp = self.hparams
+        schedulers = student_schedulers(opt_student, hp.student_lr_schedule, self.trainer.estimated_stepping_batches,
+                                        hp.student_lr_milestones, hp.student_lr_warmup)
         optimizers = [opt_student] + ([opt_source] if opt_source is not None else [])
         return (optimizers, schedulers) if schedulers else optimizers
 
