@@ -18,7 +18,7 @@ from dafl.callbacks import AtomicCheckpointIO, GracefulStop, IntervalCheckpoint,
 from dafl.errors import ConfigError
 from dafl.export import export_classifier
 import lightning_modules.generator  # noqa: F401  (every image source known: short class names work in --model.source)
-from lightning_modules.student import StudentDistillation
+from lightning_modules.student import CHECKPOINT_FORMAT, StudentDistillation
 
 RUN_PARTS = ("checkpoints", "tensorboard", "samples", "export", "metrics.csv", "hparams.yaml", "config.yaml",
              "summary.json", "curve.json")
@@ -85,8 +85,12 @@ class DaflCLI(LightningCLI):
         else:
             path = given
         checkpoint = load_checkpoint(path, "--ckpt_path")
-        if not isinstance(checkpoint.get("dafl"), dict):
+        meta = checkpoint.get("dafl")
+        if not isinstance(meta, dict):
             raise ConfigError(f"--ckpt_path {path} was not written by `dafl fit` (no dafl metadata)")
+        if meta.get("kind") == "student" and meta.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError(f"--ckpt_path {path} was written by an older dafl (before image sources) and cannot be "
+                              f"resumed or evaluated; `python -m dafl export --ckpt {path}` still exports its student")
         return Path(path).resolve()
 
     def before_instantiate_classes(self):

@@ -256,3 +256,13 @@ def test_zip_output_depth_is_checked_before_merging(run_cli, tmp_path):
     start = time.time()
     line = one_line_error(run_cli("zip", "--config", tmp_path / "z.yaml", "--out", tmp_path / "o"))
     assert "output depth 99" in line and time.time() - start < 60
+
+
+def test_a_checkpoint_of_the_module_before_image_sources_is_refused_in_one_line(capsys, tmp_path):
+    # What `dafl fit` wrote before the student loop took image sources: student kind, no format.
+    old = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    old.parent.mkdir(parents=True)
+    torch.save({"dafl": {"kind": "student", "state_prefix": "student.net."}, "state_dict": {}}, old)
+    line = in_process_error(capsys, "fit", "--run_dir", tmp_path / "run", "--ckpt_path", "last")
+    assert "older dafl" in line and "export" in line
+    assert old.is_file()  # nothing removed
