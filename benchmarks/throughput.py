@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 RECIPES = {
-    # DESIGN.md section 3: the paper's settings.
+    # the paper's settings
     "mnist": dict(teacher="lenet5", student="lenet5_half", channels=1, batch=512, latent=100, width=128,
                   g_lr=0.2, s_opt=("Adam", dict(lr=2e-3)), oh=1.0, ie=5.0, a=0.1),
     "cifar": dict(teacher="resnet34", student="resnet18", channels=3, batch=256, latent=1000, width=128,

@@ -22,7 +22,8 @@ from dafl.contract import InputAdapter
 from dafl.datasets import dataset_info, load_split
 from dafl.errors import ConfigError, OneLineParser, read_yaml_mapping
 from dafl.weights import load_classifier, resolve, save_classifier
-from dafl.zipit import ZippedClassifier, build_zipped, feature_correlations, max_depth, reset_batchnorm
+from dafl.zipit import build_zipped, feature_correlations, reset_batchnorm
+from dafl.zipped import ZippedClassifier, max_depth
 
 DEFAULTS = {"merge_images": 2048, "alpha": 0.3, "beta": 0.125, "same_index_tiebreak": False,
             "sources": ["real", "generator"], "seed": 0,

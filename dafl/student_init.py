@@ -26,7 +26,8 @@ from torch import nn
 
 from dafl.errors import ConfigError
 from dafl.models import LeNet5
-from dafl.zipit import feature_correlations, merge_spec, merge_tensor, zip_match
+from dafl.zipit import feature_correlations, merge_tensor, zip_match
+from dafl.zipped import merge_spec
 
 
 def fold_batchnorm(net: LeNet5) -> LeNet5:

@@ -175,8 +175,8 @@ def load_classifier(path: str | Path, arch: Optional[ArchSpec] = None, num_class
     shape = {k: meta.get(k, v) for k, v in shape.items()}
     defaults = {"num_classes": 10, "in_channels": 1, "image_size": 32, **(defaults or {})}
     shape = {k: v if v is not None else defaults[k] for k, v in shape.items()}
-    if arch == "zipit":  # a merged multi-task teacher (dafl.zipit): its structure is in the metadata
-        from dafl.zipit import ZippedClassifier
+    if arch == "zipit":  # a merged multi-task teacher (dafl.zipped): its structure is in the metadata
+        from dafl.zipped import ZippedClassifier
 
         missing_keys = [k for k in ("base_arch", "class_lists", "depth") if k not in meta]
         if missing_keys:

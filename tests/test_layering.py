@@ -22,11 +22,12 @@ ALLOWED = {
     "dafl.data": {"dafl.augment", "dafl.contract", "dafl.datasets"},
     "dafl.procedural": {"dafl.contract", "dafl.losses"},
     "dafl.generator": {"dafl.contract", "dafl.losses", "dafl.models"},
-    "dafl.zipit": {"dafl.models"},
-    "dafl.student_init": {"dafl.models", "dafl.zipit"},
-    "dafl.weights": {"dafl.models", "dafl.zipit"},
+    "dafl.zipped": {"dafl.models"},
+    "dafl.zipit": {"dafl.models", "dafl.zipped"},
+    "dafl.student_init": {"dafl.models", "dafl.zipit", "dafl.zipped"},
+    "dafl.weights": {"dafl.models", "dafl.zipped"},
     "dafl.export": {"dafl.contract", "dafl.models", "dafl.weights"},
-    "dafl.merging": {"dafl.contract", "dafl.datasets", "dafl.generator", "dafl.weights", "dafl.zipit"},
+    "dafl.merging": {"dafl.contract", "dafl.datasets", "dafl.generator", "dafl.weights", "dafl.zipit", "dafl.zipped"},
     "dafl.__init__": {"dafl.export"},
 }
 

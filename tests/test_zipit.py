@@ -5,8 +5,9 @@ import torch
 
 from dafl.models import build_model
 from dafl.errors import ConfigError
-from dafl.zipit import (ZippedClassifier, build_zipped, feature_correlations, groups_to_matrices, max_depth,
-                        merge_spec, merge_state, merge_tensor, permutation_match, reset_batchnorm, zip_match)
+from dafl.zipit import (build_zipped, feature_correlations, groups_to_matrices, merge_state, merge_tensor,
+                        permutation_match, reset_batchnorm, zip_match)
+from dafl.zipped import ZippedClassifier, max_depth, merge_spec
 
 # ResNet-18 is merged exactly too, in about two minutes on 2 CPU cores: `make test-slow`.
 ARCHS = ["lenet5", "lenet5_bn", pytest.param("resnet18", marks=pytest.mark.slow)]
