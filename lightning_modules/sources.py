@@ -28,6 +28,8 @@ class ImageSource(nn.Module):
 
     #: what `SampleGrid` calls the validation images
     description = "synthetic images"
+    #: whether `reference_images` gives images (what student_init 'zip_teacher' measures on)
+    has_reference_images = False
 
     def bind(self, teacher: nn.Module, contract: dict, student: nn.Module) -> None:
         self.teacher, self.contract = [teacher], contract  # a list: the teacher is not this module's child
@@ -104,6 +106,7 @@ class InvertedPool(ImageSource):
     first epoch (again when a run resumes: the pool is not in checkpoints)."""
 
     description = "held-out inverted shapes"
+    has_reference_images = True
 
     def __init__(self, pool_size: int = 32768, inversion_steps: int = 40, inversion_batch: int = 512,
                  shapes: int = 3, scale: float = 1.5, class_weights: Optional[list[int]] = None,
@@ -202,6 +205,7 @@ class RealImages(ImageSource):
     padded or resized to the teacher's input and normalised with the teacher's mean and std."""
 
     description = "real images"
+    has_reference_images = True
 
     def __init__(self, dataset: str = "fashion-mnist", root: Optional[str] = None, split: str = "train",
                  classes: Optional[list[int]] = None):
@@ -256,6 +260,7 @@ class Mixture(ImageSource):
             raise ConfigError(f"Mixture extra_fraction must be in (0, 1), got {extra_fraction}")
         self.main, self.extra, self.extra_fraction = main, extra, extra_fraction
         self.description = main.description
+        self.has_reference_images = main.has_reference_images or extra.has_reference_images
 
     def bind(self, teacher: nn.Module, contract: dict, student: nn.Module) -> None:
         super().bind(teacher, contract, student)
@@ -284,7 +289,7 @@ class Mixture(ImageSource):
         return self.main.held_out(count, batch_size)
 
     def reference_images(self) -> Optional[torch.Tensor]:
-        return self.extra.reference_images() if self.main.reference_images() is None else self.main.reference_images()
+        return (self.main if self.main.has_reference_images else self.extra).reference_images()
 
     def networks(self) -> list[nn.Module]:
         return self.main.networks() + self.extra.networks()

@@ -118,9 +118,12 @@ class StudentDistillation(FrozenTeacherModule):
         classes = output_classes(self.student, shape["in_channels"], shape["image_size"], f"student {student_arch}")
         if classes != shape["num_classes"]:
             raise ConfigError(f"the student {student_arch} returns {classes} logits but the teacher {shape['num_classes']}")
+        self.source = source if source is not None else InvertedPool()
         if student_init == "zip_teacher":
             check_zippable(self.teacher, self.student)
-        self.source = source if source is not None else InvertedPool()
+            if not self.source.has_reference_images:
+                raise ConfigError(f"student_init 'zip_teacher' needs a source with reference images (InvertedPool, "
+                                  f"RealImages), not {type(self.source).__name__}")
         self.source.bind(self.teacher, self.teacher_meta, self.student)
         # A training batch holds each image's activations too: about 64 images' worth for these networks.
         check_memory({"batch_size": (batch_size, 64), "val_size": (val_size, 1), **self.source.memory_needs()},
@@ -174,11 +177,7 @@ class StudentDistillation(FrozenTeacherModule):
             self._zip_teacher_into_student()
 
     def _zip_teacher_into_student(self):
-        images = self.source.reference_images()
-        if images is None:
-            raise ConfigError(f"student_init 'zip_teacher' needs a source with reference images (InvertedPool, "
-                              f"RealImages), not {type(self.source).__name__}")
-        zip_teacher_into_student(self.teacher, self.student, images)
+        zip_teacher_into_student(self.teacher, self.student, self.source.reference_images())
         if self.trainer.world_size > 1:  # each rank zipped its own images: take rank 0's
             self.student.load_state_dict(self.trainer.strategy.broadcast(self.student.state_dict(), src=0))
         rank_zero_info("Student initialised from the teacher, zipped to its width on the source's images")
