@@ -1,9 +1,10 @@
-"""benchmarks/accuracy.py's report: the table the issue's numbers are read from."""
+"""benchmarks/accuracy.py's report (the table the issue's numbers are read from) and the equality callback."""
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,3 +95,18 @@ def test_committed_pooled_rows_ran_one_config(accuracy):
         records = [json.loads(p.read_text()) for row in rows for p in (ROOT / "benchmarks" / "results" / row).glob("seed_*.json")]
         assert records, what
         assert len({(r["config"], tuple(r["overrides"])) for r in records}) == 1, what
+
+
+def test_equality_callback_saves_the_student_and_the_pool(digits_teacher):
+    spec = importlib.util.spec_from_file_location("equality_callback", ROOT / "benchmarks" / "equality_callback.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from lightning_modules.sources import InvertedPool
+    from lightning_modules.student import StudentDistillation
+
+    model = StudentDistillation(teacher=str(digits_teacher[0]), source=InvertedPool(pool_size=16, inversion_steps=1),
+                                val_size=16)
+    model.source.prepare()
+    saved = module.student_and_pool(model)
+    assert saved["pool"] is model.source.pool
+    assert all(torch.equal(saved["student"][k], v) for k, v in model.student.state_dict().items())
