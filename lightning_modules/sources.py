@@ -94,7 +94,7 @@ class GaussianNoise(ImageSource):
         return torch.randn(n, *self.image_shape, device=self.device)
 
     def held_out(self, count: int, batch_size: int) -> list[torch.Tensor]:
-        return [torch.randn(len(range(first, min(first + batch_size, count))), *self.image_shape,
+        return [torch.randn(min(batch_size, count - first), *self.image_shape,
                             generator=torch.Generator().manual_seed(chunk)).to(self.device)
                 for chunk, first in enumerate(range(0, count, batch_size))]
 
