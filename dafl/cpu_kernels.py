@@ -4,8 +4,7 @@ Profiling one student step of the default preset on the project's 2-core machine
 2.14.1, batch 256, fp32) showed `F.max_pool2d(x, 2)` costing several times what two
 elementwise maxima over reshaped views cost, and oneDNN's weight gradient of a convolution
 with one input channel (LeNet-5's first conv) costing more than the same sums written as one
-convolution over the batch axis. With both replaced, one student step (teacher labels,
-student forward/backward, SGD) is 1.4-1.7x faster: `benchmarks/cpu_kernels.md`.
+convolution over the batch axis. Measurements: `benchmarks/cpu_kernels.md`.
 
 Both layers subclass the torch ones, have the same parameters and state_dict keys and
 compute the same values (the weight gradient up to float summation order). They use the

@@ -155,8 +155,7 @@ class NativeGenerator(nn.Module):
     """A generator that draws images the way real inputs arrive: [0, 1] pixels (sigmoid) at
     the dataset's native resolution, then the very padding / resizing and normalisation
     real images get (`InputAdapter`). A black background is sigmoid's floor and the 28 -> 32
-    padding border is exact, so no capacity is spent on what real inputs never vary
-    (measured: +11 points over the official generator on Fashion-MNIST, benchmarks/).
+    padding border is exact, so no capacity is spent on what real inputs never vary.
 
     Linear -> width x (n/4)^2 -> BN -> up x2 -> conv3x3, BN, LeakyReLU -> up x2 ->
     conv3x3 (width/2), BN, LeakyReLU -> conv3x3 -> sigmoid, n = native size.

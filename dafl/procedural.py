@@ -3,12 +3,8 @@
 "Dead leaves" images (Baradad et al., NeurIPS 2021, "Learning to see by looking at noise"):
 a few random ellipses and rectangles of random grey levels painted over each other on a
 black background. The teacher labels them like any synthetic image. They give the student
-large, sharp-edged silhouettes, which the generator's images (textured blobs) rarely
-contain. Measured on Fashion-MNIST (benchmarks/explore/README.md, fifth round): in a
-quarter of each student batch, +2.5 points in the research loop, but through
-`python -m dafl fit` +1.1 on one GPU and -0.8 on 2 CPU cores, i.e. within seed noise;
-hence a switch (`procedural_fraction`), off by default. Where the generator is weak they
-do help: +7.4 points on a teacher without BatchNorm (2 seeds).
+large, sharp-edged silhouettes, which a generator's images (textured blobs) rarely contain;
+`invert_toward_classes` moves them toward the teacher's classes (the `InvertedPool` source).
 """
 from __future__ import annotations
 
@@ -89,9 +85,7 @@ def invert_toward_classes(pixels: torch.Tensor, teacher: nn.Module, adapter: Inp
     to `symmetric_classes` start and stay left-right mirror symmetric (`mirror_symmetric`).
     Returns the images padded and normalised like real inputs.
 
-    Why: from noise, pixel inversion of LeNet-5 gives textures without object shape (41%,
-    explore/README.md); from shapes it gives images the student learns from much faster
-    (seventh round)."""
+    Why shapes: from noise, pixel inversion gives textures without object shape."""
     cycle = class_cycle(num_classes, class_weights).to(pixels.device)
     targets = cycle[torch.arange(len(pixels), device=pixels.device) % len(cycle)]
     symmetric = torch.isin(targets, torch.tensor(symmetric_classes or [], dtype=targets.dtype, device=targets.device))

@@ -7,15 +7,9 @@ image source's reference images (the pool of shapes inverted through the teacher
 no real data is needed.
 
 Why: the student's own randomness (its initialisation and batches) decides much of where
-it ends, mostly on the classes the teacher separates finely (coat, shirt, pullover on
-Fashion-MNIST); a start from the teacher's features removes the initialisation's part.
-Measured (benchmarks/explore/README.md, round 16): +2.9 points and a quarter of the spread
-at a small budget (8,000 student steps), far ahead early but level with a random start at
-the default preset's 32,000 steps, so it is a switch (`student_init`), not the default.
-On the teacher without BatchNorm it lost (round 18, one loop seed: 78.6% against 80.7%, trouser
-taken for dress; the fast preset, this switch and the class weights together, 3 seeds: -2.67),
-perhaps because a pool inverted without BatchNorm statistics is a poor guide to which features
-are redundant.
+it ends, mostly on the classes the teacher separates finely; a start from the teacher's
+features removes the initialisation's part. It is a switch (`student_init`), not the
+default; measurements are in benchmarks/.
 """
 from __future__ import annotations
 
