@@ -4,6 +4,7 @@ teacher file's metadata, then a registered dataset's conventions (`dafl.datasets
 `InputAdapter` turns native pixels into what the network takes."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -39,9 +40,46 @@ def contract_settings(settings: Optional[dict]) -> dict:
     return {CONTRACT_KEYS[k]: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items() if v is not None}
 
 
-def complete_contract(meta: dict, explicit: dict, defaults: dict) -> dict:
-    """`meta` with native_size, mean and std filled in: the user's settings first, then the
-    teacher file's metadata, then the dataset's defaults; checked against the channels."""
+@dataclass(frozen=True)
+class InputContract:
+    """What a teacher takes: `input_size` x `input_size` images of `channels` channels,
+    normalised by `mean` / `std`, made from real images of `native_size` pixels (padded or
+    resized). Without native_size, mean and std, images cannot be made the way real inputs
+    are (`missing`)."""
+
+    input_size: int
+    channels: int
+    native_size: Optional[int] = None
+    mean: Optional[tuple[float, ...]] = None
+    std: Optional[tuple[float, ...]] = None
+
+    @classmethod
+    def from_metadata(cls, meta: dict) -> "InputContract":
+        """From a weights file's or checkpoint's metadata (keys image_size, in_channels, native_size, mean, std)."""
+        as_tuple = lambda v: tuple(v) if v is not None else None  # noqa: E731
+        return cls(meta["image_size"], meta["in_channels"], meta.get("native_size"), as_tuple(meta.get("mean")),
+                   as_tuple(meta.get("std")))
+
+    def metadata(self) -> dict:
+        """The contract as metadata keys, as every export and checkpoint records it."""
+        as_list = lambda v: list(v) if v is not None else None  # noqa: E731
+        return {"image_size": self.input_size, "in_channels": self.channels, "native_size": self.native_size,
+                "mean": as_list(self.mean), "std": as_list(self.std)}
+
+    def missing(self) -> list[str]:
+        return [key for key in ("native_size", "mean", "std") if getattr(self, key) is None]
+
+    def adapter(self) -> "InputAdapter":
+        """Native pixels -> the network's input; the one place an adapter is built from a contract."""
+        if self.missing():
+            raise ConfigError(f"the teacher's input contract lacks {', '.join(self.missing())}: set "
+                              + ", ".join(f"teacher_input.{k}" for k in self.missing()))
+        return InputAdapter(self.native_size, self.input_size, list(self.mean), list(self.std))
+
+
+def complete_contract(meta: dict, explicit: dict, defaults: dict) -> InputContract:
+    """The teacher's contract: the user's settings first, then the teacher file's metadata,
+    then the dataset's defaults; mean and std checked against the channels."""
     meta = {**meta}
     for key in ("native_size", "mean", "std"):
         value = explicit.get(key, meta.get(key))
@@ -51,16 +89,10 @@ def complete_contract(meta: dict, explicit: dict, defaults: dict) -> dict:
         if meta[key] is not None and len(meta[key]) != channels:
             raise ConfigError(f"the teacher takes {channels} channel(s) but its {key} has {len(meta[key])} values "
                               f"({meta[key]}): set teacher_input.{key}")
-    return meta
+    return InputContract.from_metadata(meta)
 
 
 # ---------------------------------------------------------------- native pixels -> network input
-
-def missing_input_metadata(meta: Optional[dict]) -> list[str]:
-    """Which of native_size / mean / std a teacher's metadata lacks: without them, pixels
-    cannot be padded and normalised the way real inputs were (`InputAdapter`)."""
-    return [key for key in ("native_size", "mean", "std") if (meta or {}).get(key) is None]
-
 
 class InputAdapter(nn.Module):
     """Pixels in [0, 1] (float) or uint8, N x C x H x W at native size -> the network's
@@ -83,9 +115,3 @@ class InputAdapter(nn.Module):
         elif self.pad is None:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         return (x - self.mean) / self.std
-
-    @classmethod
-    def for_contract(cls, meta: dict) -> "InputAdapter":
-        """The adapter of a complete contract (metadata keys native_size, image_size, mean, std)."""
-        return cls(meta["native_size"], meta["image_size"], meta["mean"], meta["std"])
-

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from dafl.contract import InputAdapter
+from dafl.contract import InputAdapter, InputContract
 from dafl.errors import ConfigError
 from dafl.models import build_network, count_flops, count_parameters
 from dafl.weights import load_checkpoint, read_metadata, save_classifier
@@ -49,7 +49,7 @@ def build_exported(meta: dict[str, Any], state: Optional[dict[str, torch.Tensor]
                         image_size=meta["image_size"])
     if state is not None:
         net.load_state_dict(state)
-    adapter = InputAdapter.for_contract(meta)
+    adapter = InputContract.from_metadata(meta).adapter()
     return ExportedClassifier(net, adapter).eval()
 
 

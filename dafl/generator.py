@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dafl.contract import missing_input_metadata
+from dafl.contract import InputContract
 from dafl.errors import ConfigError
 from dafl.losses import (BatchNormStatistics, activation_loss, batchnorm_statistics_loss, information_entropy_loss,
                          l1_disagreement, mode_seeking_loss, one_hot_loss)
@@ -40,11 +40,11 @@ class GeneratorObjective(nn.Module):
     def __init__(self, latent_dim: int, image_size: int, channels: int, width: int,
                  one_hot_weight: float, activation_weight: float, entropy_weight: float, entropy_log_base: float,
                  bn_stat_weight: float, adversarial_weight: float, num_classes: int = 10, conditional: bool = False,
-                 arch: str = "dafl", input_meta: Optional[dict] = None, diversity_weight: float = 0.0,
+                 arch: str = "dafl", contract: Optional[InputContract] = None, diversity_weight: float = 0.0,
                  balanced_one_hot: bool = False):
         """`arch`: 'dafl' (the official generator, output in the normalised space) or
         'native' (pixels at the dataset's native size through the real-input adapter; needs
-        `input_meta` with native_size, mean, std). `balanced_one_hot`: the one-hot loss
+        the teacher's complete `contract`). `balanced_one_hot`: the one-hot loss
         aims at `balanced_targets` (a class quota per batch) instead of the arg-max."""
         super().__init__()
         if conditional and num_classes > latent_dim:
@@ -52,12 +52,12 @@ class GeneratorObjective(nn.Module):
         self.num_classes, self.conditional, self.balanced_one_hot = num_classes, conditional, balanced_one_hot
         shape = {"latent_dim": latent_dim, "image_size": image_size, "channels": channels, "width": width}
         if arch == "native":
-            missing = missing_input_metadata(input_meta)
+            missing = contract.missing() if contract is not None else ["native_size", "mean", "std"]
             if missing:
-                raise ConfigError(f"generator_arch 'native' needs the teacher's {', '.join(missing)} (a teacher file "
-                                  "written by dafl has them); use generator_arch 'dafl'")
-            self.net = build_model("generator_native", **shape, native_size=input_meta["native_size"],
-                                   mean=input_meta["mean"], std=input_meta["std"])
+                raise ConfigError(f"the native generator needs the teacher's {', '.join(missing)} (set teacher_input, "
+                                  "or a registered dataset); or use arch 'dafl'")
+            self.net = build_model("generator_native", **shape, native_size=contract.native_size,
+                                   mean=list(contract.mean), std=list(contract.std))
         elif arch == "dafl":
             self.net = build_model("generator", **shape)
         else:
@@ -204,10 +204,11 @@ def fit_generator(teacher: nn.Module, meta: dict, iterations: int, batch_size: i
     from tqdm import tqdm
 
     has_bn = any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules())
-    native = not missing_input_metadata(meta) and meta["native_size"] % 4 == 0
+    contract = InputContract.from_metadata(meta)
+    native = not contract.missing() and contract.native_size % 4 == 0
     objective = GeneratorObjective(100, meta["image_size"], meta["in_channels"], width, one_hot_weight, 0.0,
                                    entropy_weight, 10.0, bn_stat_weight if has_bn else 0.0, 0.0,
-                                   meta["num_classes"], arch="native" if native else "dafl", input_meta=meta)
+                                   meta["num_classes"], arch="native" if native else "dafl", contract=contract)
     teacher.eval().requires_grad_(False)
     objective.attach(teacher)
     optimizer = torch.optim.Adam(objective.parameters(), lr=lr, betas=(0.5, 0.999))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dafl.contract import InputAdapter
+from dafl.contract import InputContract
 from dafl.datasets import dataset_info, load_split
 from dafl.errors import ConfigError, OneLineParser, read_yaml_mapping
 from dafl.weights import load_classifier, resolve, save_classifier
@@ -59,7 +59,7 @@ def real_images(meta: dict, count: int, seed: int) -> torch.Tensor:
     """`count` unlabeled training images of the teachers' dataset, every class (labels unused)."""
     train = load_split(meta["dataset"], "train")
     order = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(seed))[:count]
-    adapter = InputAdapter.for_contract(meta)
+    adapter = InputContract.from_metadata(meta).adapter()
     return adapter(train.images[order])
 
 
@@ -162,7 +162,7 @@ def zip_main(argv: list[str]) -> None:
                               f"({meta['arch']} has {depth_max} mergeable layers)")
     info = dataset_info(meta["dataset"])
     test = load_split(meta["dataset"], "test")
-    adapter = InputAdapter.for_contract(meta)
+    adapter = InputContract.from_metadata(meta).adapter()
     test_images, test_labels = adapter(test.images), test.labels
     out.mkdir(parents=True, exist_ok=True)
 

@@ -48,11 +48,11 @@ class ProceduralShapes(nn.Module):
     """Dead-leaves images at the teacher's native size, through the same padding and
     normalisation as real inputs (`InputAdapter`), so a black background is the real one."""
 
-    def __init__(self, native_size: int, image_size: int, mean: list[float], std: list[float],
-                 shapes: int = 3, scale: float = 1.5):
+    def __init__(self, adapter: InputAdapter, shapes: int = 3, scale: float = 1.5):
+        """`adapter`: the teacher's (`InputContract.adapter`), which sets the native size and channels."""
         super().__init__()
-        self.native_size, self.channels, self.shapes, self.scale = native_size, len(mean), shapes, scale
-        self.adapter = InputAdapter(native_size, image_size, mean, std)
+        self.adapter, self.shapes, self.scale = adapter, shapes, scale
+        self.native_size, self.channels = adapter.native_size, adapter.mean.shape[1]
 
     def pixels(self, n: int) -> torch.Tensor:
         """n images as [0, 1] pixels at the native size (before padding and normalisation)."""

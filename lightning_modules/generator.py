@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from dafl.contract import InputContract
 from dafl.distributed import gather_with_grad
 from dafl.errors import ConfigError
 from dafl.generator import GeneratorObjective, ReplayMemory
@@ -83,13 +84,13 @@ class GeneratorSource(ImageSource):
         self.optimizer_factory = check_optimizer(optimizer, "GeneratorSource optimizer")
         self.val_latents: Optional[torch.Tensor] = None
 
-    def bind(self, teacher: nn.Module, contract: dict, student: nn.Module) -> None:
-        super().bind(teacher, contract, student)
+    def bind(self, teacher: nn.Module, contract: InputContract, num_classes: int, student: nn.Module) -> None:
+        super().bind(teacher, contract, num_classes, student)
         s = self.settings
         self.objective = GeneratorObjective(
-            s["latent_dim"], contract["image_size"], contract["in_channels"], s["width"], s["one_hot_weight"],
+            s["latent_dim"], contract.input_size, contract.channels, s["width"], s["one_hot_weight"],
             s["activation_weight"], s["entropy_weight"], s["entropy_log_base"], s["bn_stat_weight"],
-            s["adversarial_weight"], contract["num_classes"], s["class_conditional"], s["arch"], contract,
+            s["adversarial_weight"], num_classes, s["class_conditional"], s["arch"], contract,
             s["diversity_weight"], s["balanced_one_hot"])
         if self.native_padding:
             self._set_native_frame(contract)
@@ -97,13 +98,13 @@ class GeneratorSource(ImageSource):
         self.student = [student]  # not a child: the student module owns it
         self.replay = ReplayMemory(self.replay_size, self.image_shape) if self.replay_size else None
 
-    def _set_native_frame(self, contract: dict) -> None:
+    def _set_native_frame(self, contract: InputContract) -> None:
         require_contract(contract, "native_padding")
-        border = (contract["image_size"] - contract["native_size"]) // 2
-        if border <= 0 or contract["image_size"] - contract["native_size"] != 2 * border:
-            raise ConfigError(f"native_padding: the teacher's {contract['native_size']}px inputs are not padded "
-                              f"to {contract['image_size']}px")
-        pad_value = -torch.tensor(contract["mean"]) / torch.tensor(contract["std"])  # a black pixel, normalised
+        border = (contract.input_size - contract.native_size) // 2
+        if border <= 0 or contract.input_size - contract.native_size != 2 * border:
+            raise ConfigError(f"native_padding: the teacher's {contract.native_size}px inputs are not padded "
+                              f"to {contract.input_size}px")
+        pad_value = -torch.tensor(contract.mean) / torch.tensor(contract.std)  # a black pixel, normalised
         self.objective.set_frame(border, pad_value)
 
     @property

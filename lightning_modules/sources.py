@@ -5,6 +5,7 @@ is the one that learns."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Optional
 
 import torch
@@ -12,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from tqdm.auto import tqdm
 
-from dafl.contract import InputAdapter, missing_input_metadata
+from dafl.contract import InputContract
 from dafl.datasets import load_split, select_classes
 from dafl.errors import ConfigError
 from dafl.losses import BatchNormStatistics
@@ -31,9 +32,10 @@ class ImageSource(nn.Module):
     #: whether `reference_images` gives images (what student_init 'zip_teacher' measures on)
     has_reference_images = False
 
-    def bind(self, teacher: nn.Module, contract: dict, student: nn.Module) -> None:
-        self.teacher, self.contract = [teacher], contract  # a list: the teacher is not this module's child
-        self.image_shape = (contract["in_channels"], contract["image_size"], contract["image_size"])
+    def bind(self, teacher: nn.Module, contract: InputContract, num_classes: int, student: nn.Module) -> None:
+        self.teacher = [teacher]  # a list: the teacher is not this module's child
+        self.contract, self.num_classes = contract, num_classes
+        self.image_shape = (contract.channels, contract.input_size, contract.input_size)
 
     def prepare(self, show_progress: bool = False) -> None:
         """Work done once, before the first student step (a pool to build)."""
@@ -76,8 +78,8 @@ class ImageSource(nn.Module):
         return next(self.teacher[0].parameters()).device
 
 
-def require_contract(contract: dict, what: str) -> None:
-    missing = missing_input_metadata(contract)
+def require_contract(contract: InputContract, what: str) -> None:
+    missing = contract.missing()
     if missing:
         settings = ", ".join(f"teacher_input.{k}" for k in missing)
         raise ConfigError(f"{what} needs the teacher's input contract: set {settings}, or a registered "
@@ -134,10 +136,10 @@ class InvertedPool(ImageSource):
         self.pool: Optional[torch.Tensor] = None
         self.validation_pool: Optional[torch.Tensor] = None
 
-    def bind(self, teacher: nn.Module, contract: dict, student: nn.Module) -> None:
-        super().bind(teacher, contract, student)
+    def bind(self, teacher: nn.Module, contract: InputContract, num_classes: int, student: nn.Module) -> None:
+        super().bind(teacher, contract, num_classes, student)
         require_contract(contract, "InvertedPool")
-        classes = contract["num_classes"]
+        classes = num_classes
         if self.class_weights is not None:
             try:
                 class_cycle(classes, self.class_weights)
@@ -148,8 +150,7 @@ class InvertedPool(ImageSource):
                                       or len(set(symmetric)) != len(symmetric)):
             raise ConfigError(f"InvertedPool symmetric_classes must be distinct class indices in [0, {classes}), "
                               f"got {list(symmetric)}")
-        self.shapes_maker = ProceduralShapes(contract["native_size"], contract["image_size"], contract["mean"],
-                                             contract["std"], self.shapes, self.scale)
+        self.shapes_maker = ProceduralShapes(contract.adapter(), self.shapes, self.scale)
 
     def prepare(self, show_progress: bool = False) -> None:
         if self.pool is None:
@@ -191,7 +192,7 @@ class InvertedPool(ImageSource):
                 for first in range(0, count, self.inversion_batch):
                     n = min(self.inversion_batch, count - first)
                     chunks.append(invert_toward_classes(
-                        self.shapes_maker.pixels(n), teacher, self.shapes_maker.adapter, self.contract["num_classes"],
+                        self.shapes_maker.pixels(n), teacher, self.shapes_maker.adapter, self.num_classes,
                         self.inversion_steps, bn_stats=bn_stats if bn_stats.layers else None,
                         class_weights=class_weights, symmetric_classes=symmetric_classes))
                     bar.update(n)
@@ -221,14 +222,13 @@ class RealImages(ImageSource):
         self.images = select_classes(data, classes).images if classes is not None else data.images
         self.native_size, self.dataset = data.info.size, dataset
 
-    def bind(self, teacher: nn.Module, contract: dict, student: nn.Module) -> None:
-        super().bind(teacher, contract, student)
-        if contract.get("mean") is None or contract.get("std") is None:
-            raise ConfigError("RealImages needs the teacher's mean and std: set teacher_input.mean and .std")
-        if self.images.shape[1] != contract["in_channels"]:
+    def bind(self, teacher: nn.Module, contract: InputContract, num_classes: int, student: nn.Module) -> None:
+        super().bind(teacher, contract, num_classes, student)
+        if self.images.shape[1] != contract.channels:
             raise ConfigError(f"{self.dataset} has {self.images.shape[1]} channel(s), the teacher takes "
-                              f"{contract['in_channels']}")
-        self.adapter = InputAdapter(self.native_size, contract["image_size"], contract["mean"], contract["std"])
+                              f"{contract.channels}")
+        # this dataset's pixels, padded or resized and normalised the way the teacher's inputs are
+        self.adapter = dataclasses.replace(contract, native_size=self.native_size).adapter()
 
     def _adapt(self, index: torch.Tensor) -> torch.Tensor:
         return self.adapter.to(self.device)(self.images[index].to(self.device))
@@ -262,10 +262,10 @@ class Mixture(ImageSource):
         self.description = main.description
         self.has_reference_images = main.has_reference_images or extra.has_reference_images
 
-    def bind(self, teacher: nn.Module, contract: dict, student: nn.Module) -> None:
-        super().bind(teacher, contract, student)
-        self.main.bind(teacher, contract, student)
-        self.extra.bind(teacher, contract, student)
+    def bind(self, teacher: nn.Module, contract: InputContract, num_classes: int, student: nn.Module) -> None:
+        super().bind(teacher, contract, num_classes, student)
+        self.main.bind(teacher, contract, num_classes, student)
+        self.extra.bind(teacher, contract, num_classes, student)
 
     def prepare(self, show_progress: bool = False) -> None:
         self.main.prepare(show_progress)

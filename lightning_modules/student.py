@@ -112,7 +112,8 @@ class StudentDistillation(FrozenTeacherModule):
                                             image_size=explicit.get("image_size"), key_prefix=teacher_key_prefix,
                                             defaults=defaults)
         self.freeze_teacher(teacher_net)
-        self.teacher_meta = complete_contract(meta, explicit, defaults)
+        self.contract = complete_contract(meta, explicit, defaults)
+        self.teacher_meta = {**meta, **self.contract.metadata()}
         shape = {k: self.teacher_meta[k] for k in ("in_channels", "num_classes", "image_size")}
         self.student = build_network(student_arch, **shape)
         classes = output_classes(self.student, shape["in_channels"], shape["image_size"], f"student {student_arch}")
@@ -124,7 +125,7 @@ class StudentDistillation(FrozenTeacherModule):
             if not self.source.has_reference_images:
                 raise ConfigError(f"student_init 'zip_teacher' needs a source with reference images (InvertedPool, "
                                   f"RealImages), not {type(self.source).__name__}")
-        self.source.bind(self.teacher, self.teacher_meta, self.student)
+        self.source.bind(self.teacher, self.contract, shape["num_classes"], self.student)
         # A training batch holds each image's activations too: about 64 images' worth for these networks.
         check_memory({"batch_size": (batch_size, 64), "val_size": (val_size, 1), **self.source.memory_needs()},
                      image_bytes=4 * shape["in_channels"] * shape["image_size"] ** 2)

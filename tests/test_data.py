@@ -194,3 +194,18 @@ def test_data_free_module_checks_named_data_at_once_and_reports_missing_data(tmp
 def test_image_datamodule_rejects_bad_numbers(kwargs):
     with pytest.raises(ConfigError):
         ImageDataModule("digits", **kwargs)
+
+
+def test_input_contract_round_trips_through_metadata_and_builds_the_adapter():
+    from dafl.contract import InputContract
+    from dafl.errors import ConfigError
+
+    meta = {"image_size": 32, "in_channels": 1, "native_size": 28, "mean": [0.5], "std": [0.25], "arch": "x"}
+    contract = InputContract.from_metadata(meta)
+    assert contract.metadata() == {k: meta[k] for k in ("image_size", "in_channels", "native_size", "mean", "std")}
+    pixels = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(contract.adapter()(pixels), InputAdapter(28, 32, [0.5], [0.25])(pixels))
+    bare = InputContract(input_size=32, channels=1)
+    assert bare.missing() == ["native_size", "mean", "std"]
+    with pytest.raises(ConfigError, match="teacher_input.native_size"):
+        bare.adapter()

@@ -3,6 +3,7 @@ the pool built from them is tested with the image sources (test_sources.py)."""
 import pytest
 import torch
 
+from dafl.contract import InputAdapter, InputContract
 from dafl.losses import BatchNormStatistics
 from dafl.procedural import (ProceduralShapes, class_cycle, dead_leaves, invert_toward_classes, mirror_left_half,
                              mirror_symmetric)
@@ -45,7 +46,7 @@ def test_one_shape_has_one_colour():
 
 def test_procedural_shapes_are_padded_and_normalised_like_real_inputs():
     mean, std = [0.286], [0.353]
-    images = ProceduralShapes(28, 32, mean, std)(16)
+    images = ProceduralShapes(InputAdapter(28, 32, mean, std))(16)
     black = (0 - mean[0]) / std[0]
     assert images.shape == (16, 1, 32, 32)
     border = torch.cat([images[..., :2, :].flatten(), images[..., -2:, :].flatten(),
@@ -60,7 +61,7 @@ def test_procedural_shapes_are_padded_and_normalised_like_real_inputs():
 def test_inversion_moves_shapes_toward_their_assigned_classes(digits_teacher, use_bn_stats):
     teacher, meta = load_classifier(str(digits_teacher[0]))
     teacher.eval().requires_grad_(False)
-    shapes = ProceduralShapes(meta["native_size"], meta["image_size"], meta["mean"], meta["std"])
+    shapes = ProceduralShapes(InputContract.from_metadata(meta).adapter())
     torch.manual_seed(0)
     pixels = shapes.pixels(40)
     targets = torch.arange(40) % 10
@@ -93,7 +94,7 @@ def test_class_cycle_deals_each_class_as_often_as_its_weight():
 def test_inversion_with_class_weights_makes_the_weighted_class_that_much_more_common(digits_teacher):
     teacher, meta = load_classifier(str(digits_teacher[0]))
     teacher.eval().requires_grad_(False)
-    shapes = ProceduralShapes(meta["native_size"], meta["image_size"], meta["mean"], meta["std"])
+    shapes = ProceduralShapes(InputContract.from_metadata(meta).adapter())
     torch.manual_seed(0)
     weights = [4] + [1] * 9  # class 0 four times as often: 4 of every 13 images
     inverted = invert_toward_classes(shapes.pixels(52), teacher, shapes.adapter, 10, steps=30, lr=0.05,
@@ -126,7 +127,7 @@ def test_mirror_helpers_make_only_the_marked_images_symmetric(width):
 def test_inversion_keeps_the_symmetric_classes_images_symmetric(digits_teacher):
     teacher, meta = load_classifier(str(digits_teacher[0]))
     teacher.eval().requires_grad_(False)
-    shapes = ProceduralShapes(meta["native_size"], meta["image_size"], meta["mean"], meta["std"])
+    shapes = ProceduralShapes(InputContract.from_metadata(meta).adapter())
     torch.manual_seed(0)
     inverted = invert_toward_classes(shapes.pixels(40), teacher, shapes.adapter, 10, steps=30, lr=0.05,
                                      symmetric_classes=[0, 8])

@@ -7,6 +7,7 @@ import torch
 from conftest import quiet_trainer
 from dafl.data import DataFreeDataModule
 from dafl.errors import ConfigError
+from dafl.contract import InputContract
 from dafl.procedural import class_cycle
 from lightning_modules.generator import GeneratorSource
 from lightning_modules.sources import GaussianNoise, InvertedPool, Mixture, RealImages
@@ -142,12 +143,11 @@ def test_mixture_ends_each_batch_with_the_extra_share(digits_teacher):
 
 
 def test_real_images_are_the_datasets_pixels_through_the_teachers_normalisation(digits_teacher):
-    from dafl.contract import InputAdapter
     from dafl.datasets import load_split
 
     model = distill(digits_teacher[0], RealImages("digits", classes=[3]))
     train = load_split("digits", "train")
-    threes = InputAdapter.for_contract(model.teacher_meta)(train.images[train.labels == 3])
+    threes = model.contract.adapter()(train.images[train.labels == 3])  # digits: the teacher's own native size
     batch = model.source.sample(16)
     assert all((threes == image).flatten(1).all(1).any() for image in batch)
     with pytest.raises(ConfigError):
@@ -157,7 +157,7 @@ def test_real_images_are_the_datasets_pixels_through_the_teachers_normalisation(
 def test_gaussian_noise_is_standard_normal():
     torch.manual_seed(0)
     source = GaussianNoise()
-    source.bind(torch.nn.Linear(1, 1), {"in_channels": 1, "image_size": 32, "num_classes": 10}, None)
+    source.bind(torch.nn.Linear(1, 1), InputContract(input_size=32, channels=1), 10, None)
     noise = source.sample(256)
     assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02
 
