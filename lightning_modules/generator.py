@@ -137,7 +137,12 @@ class GeneratorSource(ImageSource):
         return losses
 
     def joint_batch(self, batch_size: int):
-        return self._generate(batch_size) if self.joint_step else None
+        if not self.joint_step:
+            return None
+        images, teacher_logits, losses = self._generate(batch_size)
+        if self.replay is not None:  # later student steps of the iteration may sample it
+            self.replay.push(images)
+        return images, teacher_logits, losses
 
     def sample(self, n: int) -> torch.Tensor:
         if self.replay is not None:

@@ -17,7 +17,7 @@ SOURCES = {
     "gaussian": lambda: GaussianNoise(),
     "inverted_pool": lambda: InvertedPool(pool_size=40, inversion_steps=2, inversion_batch=16),
     "generator": lambda: GeneratorSource(latent_dim=16, width=16, joint_step=False),
-    "generator_joint": lambda: GeneratorSource(latent_dim=16, width=16, joint_step=True),
+    "generator_joint": lambda: GeneratorSource(latent_dim=16, width=16, joint_step=True, replay_size=64),
     "real_images": lambda: RealImages("digits"),
     "mixture": lambda: Mixture(GeneratorSource(latent_dim=16, width=16, joint_step=False, replay_size=64),
                                InvertedPool(pool_size=40, inversion_steps=2), extra_fraction=0.25),
