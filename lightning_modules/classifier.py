@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from dafl.errors import ConfigError
 from dafl.losses import kd_loss
-from dafl.models import build_model
+from dafl.models import build_network, spec_name
 from dafl.weights import load_classifier
 from lightning_modules.base import FrozenTeacherModule, check_optimizer
 
@@ -36,7 +36,8 @@ class ClassifierModule(FrozenTeacherModule):
                  teacher: Optional[str] = None, kd_temperature: float = 4.0, kd_weight: float = 1.0):
         """
         Args:
-            arch: registered architecture name (see `python -m dafl models`).
+            arch: a registered name (`python -m dafl models`), `timm/NAME`, or a class path
+                (`package.module.Class`, called with no arguments).
             teacher: weights file of a teacher; if set, the loss is
                 kd_weight * KD(teacher, T=kd_temperature) + (1 - kd_weight) * cross-entropy.
         """
@@ -45,7 +46,7 @@ class ClassifierModule(FrozenTeacherModule):
             raise ConfigError("kd_temperature must be > 0 and kd_weight in [0, 1]")
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = check_optimizer(optimizer, "optimizer")
-        self.net = build_model(arch, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+        self.net = build_network(arch, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
         if teacher is not None:
             self.freeze_teacher(load_classifier(teacher, num_classes=num_classes, in_channels=in_channels,
                                                 image_size=image_size)[0])
@@ -70,7 +71,7 @@ class ClassifierModule(FrozenTeacherModule):
         method = "knowledge distillation with data" if hp.teacher else "supervised training"
         data = getattr(self, "data_meta", None) or {"dataset": None, "native_size": hp.image_size,
                                                     "mean": [0.0] * hp.in_channels, "std": [1.0] * hp.in_channels}
-        return {**data, "kind": "classifier", "method": method, "arch": hp.arch, "num_classes": hp.num_classes,
+        return {**data, "kind": "classifier", "method": method, "arch": spec_name(hp.arch), "num_classes": hp.num_classes,
                 "in_channels": hp.in_channels, "image_size": hp.image_size, "state_prefix": "net."}
 
     def on_load_checkpoint(self, checkpoint):

@@ -121,3 +121,14 @@ def test_a_dict_without_tensors_is_not_a_checkpoint(tmp_path):
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "x.ckpt")
     with pytest.raises(ConfigError, match="state dict of tensors"):
         load_classifier(tmp_path / "x.ckpt", arch="lenet5")
+
+
+def test_the_teacher_recipe_trains_a_timm_model_whose_file_loads_alone():
+    from lightning_modules.classifier import ClassifierModule
+
+    module = ClassifierModule(arch="timm/test_efficientnet", num_classes=10, in_channels=1)
+    assert type(module.net).__module__.startswith("timm.")
+    meta = module.export_metadata()
+    assert meta["arch"] == "timm/test_efficientnet"
+    rebuilt = build_network(meta["arch"], in_channels=1, num_classes=10)
+    rebuilt.load_state_dict(module.net.state_dict())  # the exported name rebuilds the same network

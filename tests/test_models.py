@@ -37,6 +37,9 @@ def test_paper_parameter_counts():
     assert count_parameters(build_model("lenet5_bn")) > 61706
     assert 11_000_000 < count_parameters(build_model("resnet18")) < 11_300_000
     assert 21_000_000 < count_parameters(build_model("resnet34")) < 21_400_000
+    # He et al. (2016), table 6: the CIFAR ResNet-20 has 0.27M parameters
+    assert 265_000 < count_parameters(build_model("resnet20", in_channels=3)) < 275_000
+    assert count_parameters(build_model("resnet8")) < count_parameters(build_model("resnet20")) / 3
 
 
 def test_lenet5_flops_counted_by_library():
