@@ -218,7 +218,10 @@ class RealImages(ImageSource):
             classes: keep only these classes' images.
         """
         super().__init__()
-        data = load_split(dataset, split, root)  # loaded now: a missing dataset fails before any work
+        try:  # loaded now: a missing dataset fails before any work
+            data = load_split(dataset, split, root)
+        except ConfigError as e:  # the loaders name the data module's setting; here it is this source's
+            raise ConfigError(str(e).replace("--data.root", "--model.source.root")) from None
         self.images = select_classes(data, classes).images if classes is not None else data.images
         self.native_size, self.dataset = data.info.size, dataset
 

@@ -150,7 +150,7 @@ def test_real_images_are_the_datasets_pixels_through_the_teachers_normalisation(
     threes = model.contract.adapter()(train.images[train.labels == 3])  # digits: the teacher's own native size
     batch = model.source.sample(16)
     assert all((threes == image).flatten(1).all(1).any() for image in batch)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="--model.source.root"):  # this source's setting, not the data module's
         RealImages("cifar10", root="/nonexistent")
 
 
