@@ -1,23 +1,18 @@
 """Image sources: where the student's training images come from. `StudentDistillation`
 asks its source for a batch before every student step; the teacher labels whatever it
-gets. Chosen in the YAML by `class_path`; `GeneratorSource` (lightning_modules/generator.py)
-is the one that learns."""
+gets. Chosen in the YAML by `class_path`; `InvertedPool` (lightning_modules/inverted_pool.py)
+is the default, `GeneratorSource` (lightning_modules/generator.py) the one that learns."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Optional
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from tqdm.auto import tqdm
 
 from dafl.contract import InputContract
 from dafl.datasets import load_split, select_classes
 from dafl.errors import ConfigError
-from dafl.losses import BatchNormStatistics
-from dafl.procedural import ProceduralShapes, class_cycle, invert_toward_classes
 
 HELD_OUT_SEED = 1234  # validation images are the same every time, whatever the global random state
 
@@ -99,105 +94,6 @@ class GaussianNoise(ImageSource):
         return [torch.randn(min(batch_size, count - first), *self.image_shape,
                             generator=torch.Generator().manual_seed(chunk)).to(self.device)
                 for chunk, first in enumerate(range(0, count, batch_size))]
-
-
-class InvertedPool(ImageSource):
-    """A fixed pool of dead-leaves shapes (`dafl.procedural`), each moved by `inversion_steps`
-    Adam steps on its pixels until the teacher sees its assigned class, with the teacher's
-    BatchNorm statistics matched over `inversion_batch` shapes at a time. Built once, in the
-    first epoch (again when a run resumes: the pool is not in checkpoints)."""
-
-    description = "held-out inverted shapes"
-    has_reference_images = True
-
-    def __init__(self, pool_size: int = 32768, inversion_steps: int = 40, inversion_batch: int = 512,
-                 shapes: int = 3, scale: float = 1.5, class_weights: Optional[list[int]] = None,
-                 symmetric_classes: Optional[list[int]] = None):
-        """
-        Args:
-            pool_size: images in the pool the student trains on.
-            inversion_steps: Adam steps that move each image's pixels toward its class.
-            inversion_batch: shapes inverted together: the batch whose statistics must match the
-                teacher's BatchNorm statistics (it changes the images, not only the speed).
-            shapes: shapes per image.
-            scale: size of the shapes (half-axes 0.1-0.7 of the half-frame, times this).
-            class_weights: one whole number >= 1 per class: how often each class is an inversion
-                target (None: balanced).
-            symmetric_classes: classes whose images start and stay left-right mirror symmetric.
-        """
-        super().__init__()
-        for name, value in (("pool_size", pool_size), ("inversion_steps", inversion_steps),
-                            ("inversion_batch", inversion_batch), ("shapes", shapes), ("scale", scale)):
-            if value <= 0:
-                raise ConfigError(f"InvertedPool {name} must be positive, got {value}")
-        self.pool_size, self.inversion_steps, self.inversion_batch = pool_size, inversion_steps, inversion_batch
-        self.shapes, self.scale = shapes, scale
-        self.class_weights, self.symmetric_classes = class_weights, symmetric_classes
-        self.pool: Optional[torch.Tensor] = None
-        self.validation_pool: Optional[torch.Tensor] = None
-
-    def bind(self, teacher: nn.Module, contract: InputContract, num_classes: int, student: nn.Module) -> None:
-        super().bind(teacher, contract, num_classes, student)
-        require_contract(contract, "InvertedPool")
-        classes = num_classes
-        if self.class_weights is not None:
-            try:
-                class_cycle(classes, self.class_weights)
-            except ValueError as error:
-                raise ConfigError(f"InvertedPool class_weights: {error}") from None
-        symmetric = self.symmetric_classes
-        if symmetric is not None and (any(int(c) != c or not 0 <= c < classes for c in symmetric)
-                                      or len(set(symmetric)) != len(symmetric)):
-            raise ConfigError(f"InvertedPool symmetric_classes must be distinct class indices in [0, {classes}), "
-                              f"got {list(symmetric)}")
-        self.shapes_maker = ProceduralShapes(contract.adapter(), self.shapes, self.scale)
-
-    def prepare(self, show_progress: bool = False) -> None:
-        if self.pool is None:
-            self.pool = self._invert(self.pool_size, show_progress=show_progress, class_weights=self.class_weights,
-                                     symmetric_classes=self.symmetric_classes)
-            rank_zero_info(f"Inverted {self.pool_size} procedural images through the teacher "
-                           f"({self.inversion_steps} steps each)")
-
-    def sample(self, n: int) -> torch.Tensor:
-        self.prepare()  # Lightning skips epoch-start hooks when a run resumes mid-epoch
-        return self.pool[torch.randint(len(self.pool), (n,), device=self.pool.device)]
-
-    def held_out(self, count: int, batch_size: int) -> list[torch.Tensor]:
-        if self.validation_pool is None or len(self.validation_pool) != count:
-            self.validation_pool = self._invert(count, seed=HELD_OUT_SEED)
-        return list(self.validation_pool.split(batch_size))
-
-    def reference_images(self) -> torch.Tensor:
-        self.prepare()
-        return self.pool
-
-    def memory_needs(self) -> dict[str, tuple[int, int]]:
-        return {"pool_size": (self.pool_size, 1), "inversion_batch": (self.inversion_batch, 64)}
-
-    def _invert(self, count: int, seed: Optional[int] = None, show_progress: bool = False,
-                class_weights: Optional[list[int]] = None, symmetric_classes: Optional[list[int]] = None
-                ) -> torch.Tensor:
-        teacher, device = self.teacher[0], self.device
-        self.shapes_maker.to(device)
-        bn_stats = BatchNormStatistics(teacher)
-        chunks = []
-        fixed = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-        # inference_mode(False): `validate` may ask for held-out images inside Lightning's inference mode
-        with fixed if seed is not None else contextlib.nullcontext(), torch.inference_mode(False):
-            if seed is not None:
-                torch.manual_seed(seed)
-            with tqdm(total=count, desc="inverting shapes through the teacher", unit="img", leave=False,
-                      disable=not show_progress) as bar:
-                for first in range(0, count, self.inversion_batch):
-                    n = min(self.inversion_batch, count - first)
-                    chunks.append(invert_toward_classes(
-                        self.shapes_maker.pixels(n), teacher, self.shapes_maker.adapter, self.num_classes,
-                        self.inversion_steps, bn_stats=bn_stats if bn_stats.layers else None,
-                        class_weights=class_weights, symmetric_classes=symmetric_classes))
-                    bar.update(n)
-        bn_stats.remove()
-        return torch.cat(chunks)
 
 
 class RealImages(ImageSource):
@@ -299,3 +195,12 @@ class Mixture(ImageSource):
 
     def memory_needs(self) -> dict[str, tuple[int, int]]:
         return {**self.main.memory_needs(), **self.extra.memory_needs()}
+
+
+def __getattr__(name: str):
+    # InvertedPool's former home: configs and checkpoints that name lightning_modules.sources.InvertedPool
+    # still load (imported lazily: inverted_pool imports this module)
+    if name == "InvertedPool":
+        from lightning_modules.inverted_pool import InvertedPool
+        return InvertedPool
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

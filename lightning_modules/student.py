@@ -19,7 +19,8 @@ from dafl.models import build_network, output_classes, spec_name
 from dafl.student_init import check_zippable, zip_teacher_into_student
 from dafl.weights import load_classifier
 from lightning_modules.base import FrozenTeacherModule, check_memory, check_optimizer, student_schedulers
-from lightning_modules.sources import ImageSource, InvertedPool
+from lightning_modules.inverted_pool import InvertedPool
+from lightning_modules.sources import ImageSource
 
 CHECKPOINT_FORMAT = 2  # 1: before image sources (one module with a generator always built)
 

@@ -101,7 +101,7 @@ def test_equality_callback_saves_the_student_and_the_pool(digits_teacher):
     spec = importlib.util.spec_from_file_location("equality_callback", ROOT / "benchmarks" / "equality_callback.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    from lightning_modules.sources import InvertedPool
+    from lightning_modules.inverted_pool import InvertedPool
     from lightning_modules.student import StudentDistillation
 
     model = StudentDistillation(teacher=str(digits_teacher[0]), source=InvertedPool(pool_size=16, inversion_steps=1),

@@ -10,7 +10,8 @@ from dafl.errors import ConfigError
 from dafl.contract import InputContract
 from dafl.procedural import class_cycle
 from lightning_modules.generator import GeneratorSource
-from lightning_modules.sources import GaussianNoise, InvertedPool, Mixture, RealImages
+from lightning_modules.inverted_pool import InvertedPool
+from lightning_modules.sources import GaussianNoise, Mixture, RealImages
 from lightning_modules.student import StudentDistillation
 
 SOURCES = {
@@ -240,3 +241,65 @@ def test_native_generator_needs_input_metadata(digits_teacher, tmp_path):
     save_file(load_file(str(digits_teacher[0])), str(bare), metadata={"arch": "lenet5_bn"})
     with pytest.raises(ConfigError, match="native"):
         distill(bare, GeneratorSource(arch="native"))
+
+
+HALVES = ["checkpoints/fashion_mnist_lenet5_bn_classes0-4.safetensors",
+          "checkpoints/fashion_mnist_lenet5_bn_classes5-9.safetensors"]
+ENSEMBLE = "checkpoints/fashion_mnist_ensemble_lenet5_bn.safetensors"
+
+
+def bound_pool(class_teachers, **settings):
+    from dafl.weights import load_classifier
+
+    teacher, meta = load_classifier(ENSEMBLE)
+    pool = InvertedPool(class_teachers=class_teachers, **{"inversion_steps": 2, "inversion_batch": 16, **settings})
+    pool.bind(teacher.eval().requires_grad_(False), InputContract.from_metadata(meta), 10, None)
+    return pool, teacher
+
+
+def count_images(network):
+    seen = []
+    return seen, network.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
+
+
+def test_class_teachers_invert_their_own_classes_in_their_share_and_the_teacher_inverts_none():
+    pool, teacher = bound_pool(HALVES, pool_size=28, class_weights=[2, 1, 2, 1, 2, 1, 2, 1, 1, 1])
+    (first, _), (second, _) = pool.class_teachers
+    counts = [count_images(network) for network in (teacher, first, second)]
+    pool.prepare()
+    for _, handle in counts:
+        handle.remove()
+    (by_teacher, _), (by_first, _), (by_second, _) = counts
+    # a cycle deals 0..9 then 0, 2, 4, 6 again: 8 of every 14 images are classes 0-4
+    assert by_teacher == [] and by_first == [16] * 2 and by_second == [12] * 2
+    assert pool.pool.shape == (28, 1, 32, 32) and torch.isfinite(pool.pool).all()
+
+
+def test_each_class_teacher_moves_its_images_toward_each_of_its_classes():
+    torch.manual_seed(0)
+    pool, _ = bound_pool(HALVES, pool_size=40, inversion_steps=30, inversion_batch=20)
+    (first, classes), _ = pool.class_teachers
+    assert classes == [0, 1, 2, 3, 4]
+    pool.prepare()
+    with torch.no_grad():
+        predicted = first(pool.pool[:20]).argmax(1)  # the first teacher's images come first
+    assert predicted.bincount(minlength=5).tolist() == [4] * 5
+
+
+@pytest.mark.parametrize("class_teachers, message", [
+    ([HALVES[0], HALVES[0]], "known by both"),
+    ([HALVES[0]], r"classes \[5, 6, 7, 8, 9\] are known by no class teacher"),
+    (["checkpoints/mnist5k_lenet5_bn.safetensors"], "same inputs"),
+])
+def test_bad_class_teachers_are_one_line_errors(class_teachers, message):
+    with pytest.raises(ConfigError, match=message):
+        bound_pool(class_teachers, pool_size=8)
+
+
+def test_the_pools_former_class_path_still_names_it():
+    # configs and checkpoints written before the pool had its own module name it there
+    import lightning_modules.sources as sources
+
+    assert sources.InvertedPool is InvertedPool
+    with pytest.raises(AttributeError):
+        sources.NoSuchSource

@@ -9,7 +9,7 @@ from dafl.data import DataFreeDataModule
 from dafl.errors import ConfigError
 from dafl.generator import ReplayMemory
 from lightning_modules.generator import GeneratorSource
-from lightning_modules.sources import InvertedPool
+from lightning_modules.inverted_pool import InvertedPool
 from lightning_modules.student import StudentDistillation
 
 SMALL = dict(batch_size=32, val_size=64, student_lr_warmup=0)

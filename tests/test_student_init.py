@@ -9,7 +9,7 @@ from dafl.data import DataFreeDataModule
 from dafl.errors import ConfigError
 from dafl.models import build_model
 from dafl.student_init import check_zippable, fold_batchnorm, zip_teacher_into_student
-from lightning_modules.sources import InvertedPool
+from lightning_modules.inverted_pool import InvertedPool
 from lightning_modules.student import StudentDistillation
 
 
@@ -117,7 +117,7 @@ def test_fit_starts_the_student_from_the_zipped_teacher(digits_teacher):
 DDP_SCRIPT = '''
 import sys, torch, lightning as L
 from dafl.data import DataFreeDataModule
-from lightning_modules.sources import InvertedPool
+from lightning_modules.inverted_pool import InvertedPool
 from lightning_modules.student import StudentDistillation
 
 teacher, out = sys.argv[1], sys.argv[2]
