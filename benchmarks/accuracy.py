@@ -24,7 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-PLOT_SKIP = ("abl_", "v1_exp_", "gpu_x_", "mnist5k_")  # table-only rows: ablations, probes, other datasets
+PLOT_SKIP = ("abl_", "v1_exp_", "gpu_x_", "mnist5k_", "eighth_", "merged_")  # table-only rows: ablations, probes, other datasets
 FLOOR = 0.85  # issue #5's floor: the table says when each seed's test curve first reaches it
 OTHER_DATASETS = ("mnist5k_",)  # rows on another dataset, where the Fashion-MNIST floor means nothing
 # Rows that ran the same config with the same code and differ only in how they shared the
@@ -86,7 +86,8 @@ def run(args) -> None:
                   "wall_seconds": round(time.time() - start, 1), "test_acc": summary["test_acc"], "curve": curve,
                   "note": args.note, "commit": code,
                   # the label-free signal a user sees (student-teacher agreement on held-out inversions)
-                  "val_agreement": last_logged(run_dir, "val/agreement")}
+                  "val_agreement": last_logged(run_dir, "val/agreement"),
+                  "teacher_acc": last_logged(run_dir, "test/teacher_acc")}
         out = RESULTS / args.name
         out.mkdir(parents=True, exist_ok=True)
         (out / f"seed_{seed}.json").write_text(json.dumps(record, indent=1))

@@ -110,3 +110,25 @@ def test_equality_callback_saves_the_student_and_the_pool(digits_teacher):
     saved = module.student_and_pool(model)
     assert saved["pool"] is model.source.pool
     assert all(torch.equal(saved["student"][k], v) for k, v in model.student.state_dict().items())
+
+
+def test_teacher_table_holds_each_teacher_to_the_shipped_ratio_minus_two_points(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("teachers_benchmark", ROOT / "benchmarks" / "teachers.py")
+    teachers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(teachers)
+    monkeypatch.setattr(teachers, "RESULTS", tmp_path)
+    rows = {teachers.REFERENCE: ([0.75, 0.77], 0.85), "eighth_lenet5_bn_seed1": ([0.73, 0.73], 0.85),
+            "eighth_lenet5_bn_seed2": ([0.70, 0.70], 0.85)}
+    for row, (free, kd) in rows.items():
+        for seed, acc in enumerate(free):
+            write_record(tmp_path, row, seed, [(10.0, acc)], teacher_acc=0.91)
+        write_record(tmp_path, row + "_kd", 0, [(10.0, kd)])
+    table = teachers.teachers_table()
+    verdicts = {line.split(" | ")[0]: line.rsplit(" | ", 1)[1] for line in table.splitlines()[2:]}
+    # the reference's ratio is 76/85 = 89.4%: 73/85 = 85.9% is 3.5 points below it, 70/85 further
+    assert verdicts["| LeNet-5-BN, shipped (the presets' teacher)"] == "yes |"
+    assert verdicts["| LeNet-5-BN, seed 1"] == "no (-3.5) |"
+    assert verdicts["| LeNet-5-BN, seed 2"] == "no (-7.1) |"
+    assert verdicts["| ResNet-8 (CIFAR-style, registered `resnet8`)"] == "– |"  # not run: no verdict
+    assert "76.00 ± 1.41 (75.00, 77.00)" in table
+    assert "| 91.00 |" in table

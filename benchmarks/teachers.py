@@ -1,0 +1,95 @@
+"""Tables of the bring-your-own-teacher runs (benchmarks/teachers.md) and the merged-teacher
+runs (benchmarks/merged_teachers.md), from the records `accuracy.py run` writes.
+
+    python benchmarks/teachers.py    # prints both tables (markdown)
+
+A data-free row is `results/<row>/seed_*.json`; its KD-with-data row, where there is one, is
+`results/<row>_kd/`. The teacher's accuracy is the one each run measured on the real test set.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# row -> what the teacher is and how it was trained (the project's own recipes)
+TEACHERS = {
+    "eighth_lenet5_bn_shipped": ("LeNet-5-BN, shipped (the presets' teacher)",
+                                 "configs/fashion_mnist/teacher_lenet5_bn.yaml, seed 0"),
+    "eighth_lenet5_bn_seed1": ("LeNet-5-BN, seed 1", "configs/fashion_mnist/teacher_lenet5_bn.yaml --seed_everything 1"),
+    "eighth_lenet5_bn_seed2": ("LeNet-5-BN, seed 2", "configs/fashion_mnist/teacher_lenet5_bn.yaml --seed_everything 2"),
+    "eighth_lenet5_bn_sgd": ("LeNet-5-BN, other recipe (SGD, no shift augmentation)",
+                             "configs/fashion_mnist/teacher_lenet5_bn.yaml --seed_everything 3 "
+                             "--model.optimizer torch.optim.SGD --model.optimizer.lr 0.05 "
+                             "--model.optimizer.momentum 0.9 --data.augment_shift 0"),
+    "eighth_resnet8": ("ResNet-8 (CIFAR-style, registered `resnet8`)", "configs/fashion_mnist/teacher_resnet8.yaml"),
+    "eighth_timm_test_efficientnet": ("timm `test_efficientnet`, `in_chans=1`",
+                                      "configs/fashion_mnist/teacher_resnet8.yaml --model.arch timm/test_efficientnet"),
+    "mnist5k_eighth_lenet5_bn": ("mnist-5k LeNet-5-BN, shipped", "configs/mnist5k/teacher_lenet5_bn.yaml"),
+}
+MERGED = {
+    "merged_eighth_ensemble": "calibrated ensemble of the two halves (shipped)",
+    "merged_eighth_class_teachers": "the ensemble, each class inverted through its own half teacher (`class_teachers`)",
+    "merged_eighth_zipit_d2": "ZipIt depth 2 (shipped)",
+    "merged_eighth_zipit_d1": "ZipIt depth 1 (made by the same zip settings)",
+}
+REFERENCE = "eighth_lenet5_bn_shipped"
+TOLERANCE = 2.0  # points of the shipped teacher's ratio a teacher may lose (issue 36)
+
+
+def records(row: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((RESULTS / row).glob("seed_*.json"))]
+
+
+def accuracies(row: str) -> list[float]:
+    return [100 * r["test_acc"] for r in records(row)]
+
+
+def summary(accs: list[float]) -> str:
+    if not accs:
+        return "not run"
+    spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return f"{statistics.mean(accs):.2f} ± {spread:.2f} ({', '.join(f'{a:.2f}' for a in accs)})"
+
+
+def teacher_accuracy(row: str) -> str:
+    found = [r.get("teacher_acc") for r in records(row) + records(row + "_kd") if r.get("teacher_acc")]
+    return f"{100 * found[0]:.2f}" if found else "–"
+
+
+def ratio(row: str) -> float | None:
+    free, kd = accuracies(row), accuracies(row + "_kd")
+    return 100 * statistics.mean(free) / statistics.mean(kd) if free and kd else None
+
+
+def teachers_table() -> str:
+    reference = ratio(REFERENCE)
+    lines = ["| teacher | trained by | teacher (%) | KD with data, seed 0 (%) | data-free, seeds 0-2 (%) | "
+             "data-free / KD | passes (>= shipped ratio - 2) |", "|---|---|---|---|---|---|---|"]
+    for row, (what, recipe) in TEACHERS.items():
+        kd, share = accuracies(row + "_kd"), ratio(row)
+        verdict = "–" if share is None or reference is None else \
+            ("yes" if share >= reference - TOLERANCE else f"no ({share - reference:+.1f})")
+        lines.append(f"| {what} | `{recipe}` | {teacher_accuracy(row)} | {summary(kd)} | {summary(accuracies(row))} | "
+                     f"{'–' if share is None else f'{share:.1f}%'} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def merged_table() -> str:
+    full = accuracies(REFERENCE)
+    lines = ["| row | teacher | teacher 10-way (%) | student, seeds 0-2 (%) | vs the full teacher's student |",
+             "|---|---|---|---|---|"]
+    for row, what in MERGED.items():
+        accs = accuracies(row)
+        gap = f"{statistics.mean(accs) - statistics.mean(full):+.2f}" if accs and full else "–"
+        lines.append(f"| `{row}` | {what} | {teacher_accuracy(row)} | {summary(accs)} | {gap} |")
+    lines.append(f"| `{REFERENCE}` | the single full teacher (reference) | {teacher_accuracy(REFERENCE)} | "
+                 f"{summary(full)} | 0 |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(teachers_table())
+    print(merged_table())
