@@ -120,8 +120,8 @@ def resnet34(in_channels: int = 3, num_classes: int = 10, image_size: int = 32) 
 class ThinResNet(nn.Module):
     """The CIFAR ResNet of He et al. (2016, section 4.2): a 3x3 stem and three stages of
     `blocks` basic blocks at 16, 32 and 64 channels (depth 6 * blocks + 2), 1x1-conv
-    shortcuts where the shape changes. About a fiftieth of ResNet-18's cost, so small enough
-    to distil on a CPU."""
+    shortcuts where the shape changes. Forward FLOPs per 32x32 image: ResNet-8 24M, ResNet-20
+    81M, against 1.1G for ResNet-18, so small enough to distil on a CPU."""
 
     def __init__(self, blocks: int, in_channels: int, num_classes: int):
         super().__init__()
