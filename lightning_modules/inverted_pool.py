@@ -150,6 +150,9 @@ def load_class_teachers(paths: list[str], contract: InputContract, num_classes: 
     for path in paths:
         network, meta = load_classifier(resolve(path))
         classes = [int(c) for c in (meta.get("classes") or range(meta["num_classes"]))]
+        if len(classes) != meta["num_classes"]:
+            raise ConfigError(f"class teacher {path} lists {len(classes)} classes but has "
+                              f"{meta['num_classes']} outputs")
         if any(not 0 <= c < num_classes for c in classes):
             raise ConfigError(f"class teacher {path} knows classes {classes}; the teacher has {num_classes}")
         for c in classes:

@@ -296,6 +296,18 @@ def test_bad_class_teachers_are_one_line_errors(class_teachers, message):
         bound_pool(class_teachers, pool_size=8)
 
 
+def test_a_class_teacher_whose_class_list_does_not_match_its_outputs_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(HALVES[1], "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    meta["classes"] = "[5, 6, 7]"  # five outputs
+    save_file(tensors, tmp_path / "three.safetensors", metadata=meta)
+    with pytest.raises(ConfigError, match="lists 3 classes but has 5 outputs"):
+        bound_pool([HALVES[0], str(tmp_path / "three.safetensors")], pool_size=8)
+
+
 def test_the_pools_former_class_path_still_names_it():
     # configs and checkpoints written before the pool had its own module name it there
     import lightning_modules.sources as sources
