@@ -22,7 +22,7 @@ from dafl.contract import InputContract
 from dafl.datasets import dataset_info, load_split
 from dafl.errors import ConfigError, OneLineParser, read_yaml_mapping
 from dafl.weights import load_classifier, resolve, save_classifier
-from dafl.zipit import build_zipped, feature_correlations, reset_batchnorm
+from dafl.zipit import MatchBlocked, build_zipped, feature_correlations, reset_batchnorm
 from dafl.zipped import ZippedClassifier, max_depth
 
 DEFAULTS = {"merge_images": 2048, "alpha": 0.3, "beta": 0.125, "same_index_tiebreak": False,
@@ -107,7 +107,7 @@ def merge(teachers, class_lists, meta, method: str, depth: int, correlations, im
                           meta["in_channels"], meta["image_size"], same_index_tiebreak=bool(cfg["same_index_tiebreak"]))
     batches = images.split(256)
     reset_batchnorm(zipped, batches)
-    zipped.calibrate_heads(batches)
+    zipped.information = zipped.calibrate_heads(batches)["information_after"]  # the label-free signal of the table
     return zipped.eval()
 
 
@@ -157,8 +157,8 @@ def zip_main(argv: list[str]) -> None:
     depth_max = max_depth(teachers[0])
     for spec in cfg["outputs"]:  # checked before any merging: a bad depth fails in seconds
         depth = spec.get("depth", "full")
-        if depth not in ("full", "ensemble") and not (isinstance(depth, int) and 0 <= depth <= depth_max):
-            raise ConfigError(f"output depth {depth!r} is not full, ensemble or a whole number in 0..{depth_max} "
+        if depth not in ("full", "ensemble", "auto") and not (isinstance(depth, int) and 0 <= depth <= depth_max):
+            raise ConfigError(f"output depth {depth!r} is not full, ensemble, auto or a whole number in 0..{depth_max} "
                               f"({meta['arch']} has {depth_max} mergeable layers)")
     info = dataset_info(meta["dataset"])
     test = load_split(meta["dataset"], "test")
@@ -180,9 +180,15 @@ def zip_main(argv: list[str]) -> None:
         correlations = feature_correlations(teachers, images.split(256))
         prepared = time.time() - start
         for name, method, depth in tqdm(variants(depth_max), desc=f"merging ({source} images)", leave=False):
-            zipped = merge(teachers, class_lists, meta, method, depth, correlations, images, cfg)
+            try:
+                zipped = merge(teachers, class_lists, meta, method, depth, correlations, images, cfg)
+            except MatchBlocked as blocked:  # one variant out of reach is a row, not the end of the table
+                merged_models[(source, method, depth)] = blocked
+                rows.append({"source": source, "method": f"{name} (blocked by alpha/beta)"})
+                continue
             merged_models[(source, method, depth)] = zipped
-            rows.append({"source": source, "method": name, **evaluate(zipped, test_images, test_labels, class_lists)})
+            rows.append({"source": source, "method": name, "information": zipped.information,
+                         **evaluate(zipped, test_images, test_labels, class_lists)})
         print(f"{source} images: {len(images)} images and correlations in {prepared:.0f}s")
     written = []
     for spec in cfg["outputs"]:
@@ -191,7 +197,10 @@ def zip_main(argv: list[str]) -> None:
             continue
         written.append(_write_output(spec, merged_models, teachers, metas, class_lists, info, out, depth_max, cfg,
                                      test_images, test_labels))
-    _write_table(rows, out, opts, cfg, meta, class_lists, written)
+    blocked = [w for w in written if w.startswith("not written")]
+    _write_table(rows, out, opts, cfg, meta, class_lists, [w for w in written if w not in blocked])
+    if blocked:  # after the table, so the comparison is kept
+        raise ConfigError(f"output {blocked[0]}")
 
 
 def _own_task_accuracy(teacher, images, labels, classes) -> float:
@@ -207,10 +216,17 @@ def _write_output(spec: dict, merged_models: dict, teachers, metas, class_lists,
     depth = {"full": depth_max, "ensemble": 0}.get(str(spec.get("depth", "full")), spec.get("depth"))
     if method == "ensemble":
         method, depth = "zipit", 0
+    if depth == "auto":  # the ZipIt depth whose merge keeps the most information on the merge images (no labels)
+        source = spec.get("source", "generator")
+        scored = {d: getattr(merged_models.get((source, "zipit", d)), "information", float("-inf"))
+                  for d in range(depth_max + 1)}
+        method, depth = "zipit", max(scored, key=scored.get)
     key = (spec.get("source", "generator"), method, int(depth))
     if key not in merged_models:
         raise ConfigError(f"output {spec} was not computed (sources: {cfg['sources']})")
     zipped = merged_models[key]
+    if isinstance(zipped, MatchBlocked):
+        return f"not written, {zipped}: {spec}"
     path = Path(spec.get("path") or out / f"merged_{key[0]}_{key[1]}_depth{key[2]}.safetensors")
     accuracy = evaluate(zipped, test_images, test_labels, class_lists)
     meta = metas[0]
@@ -244,13 +260,15 @@ def _write_table(rows: list[dict], out: Path, opts, cfg: dict, meta: dict, class
     import os
 
     tasks = [f"task{k + 1}" for k in range(len(class_lists))]
-    header = ["source", "method", "joint", *tasks]
+    header = ["source", "method", "joint", *tasks, "information"]
     fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    nats = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     with open(out / "table.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for row in rows:
-            writer.writerow([row["source"], row["method"], *(fmt(row.get(k)) for k in header[2:])])
+            writer.writerow([row["source"], row["method"], *(fmt(row.get(k)) for k in header[2:-1]),
+                             nats(row.get("information"))])
     lines = [f"# dafl zip: {len(class_lists)} {meta['arch']} teachers on {meta['dataset']}", "",
              f"Command: `python -m dafl zip --config {opts.config}`; machine: {os.cpu_count()} CPU cores, "
              f"{platform.machine()}. Tasks: " + "; ".join(f"task{k + 1} = classes {c}" for k, c in
@@ -258,10 +276,13 @@ def _write_table(rows: list[dict], out: Path, opts, cfg: dict, meta: dict, class
              f"Merge images: {cfg['merge_images']} per source (real: unlabeled training images; generator: a DAFL "
              f"generator trained {cfg['generator']['iterations']} iterations against each teacher, no data). "
              f"alpha {cfg['alpha']}, beta {cfg['beta']}. Accuracy (%) on the real test set: joint = argmax over "
-             "all classes; taskK = argmax over task K's classes on task K's images.", "",
+             "all classes; taskK = argmax over task K's classes on task K's images. information: the mutual "
+             "information between merge image and predicted class after head calibration (nats, no labels; "
+             "an output with `depth: auto` takes the ZipIt depth where it is highest).", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| " + " | ".join([row["source"], row["method"], *(fmt(row.get(k)) for k in header[2:])]) + " |")
+        lines.append("| " + " | ".join([row["source"], row["method"], *(fmt(row.get(k)) for k in header[2:-1]),
+                                        nats(row.get("information"))]) + " |")
     if written:
         lines += ["", "Merged teachers written: " + ", ".join(f"`{w}`" for w in written)]
     (out / "table.md").write_text("\n".join(lines) + "\n")

@@ -101,6 +101,12 @@ def groups_to_matrices(groups: list[list[int]], features: int) -> tuple[torch.Te
     return merge, unmerge
 
 
+class MatchBlocked(ConfigError):
+    """ZipIt's alpha/beta rules block every remaining merge before the target width (as in the
+    official code: a group inherits its members' blocked pairs, so with three or more models
+    a small beta can leave only groups that may not meet)."""
+
+
 def _same_index_bonus(total: int, n_models: int) -> torch.Tensor:
     """1e-6 where two features of different models share an index: dead units tie with
     each other (correlation 1), and this pairs them like weight averaging does instead of
@@ -147,8 +153,8 @@ def zip_match(corr: torch.Tensor, n_models: int, alpha: float = 0.3, beta: float
     groups: dict[int, list[int]] = {i: [i] for i in range(total)}  # row index -> member features
     while len(groups) > keep:
         if sim.max() == float("-inf"):
-            raise ConfigError(f"ZipIt cannot reach {keep} features: alpha {alpha} / beta {beta} block every "
-                              "remaining merge")
+            raise MatchBlocked(f"ZipIt cannot reach {keep} features: alpha {alpha} / beta {beta} block every "
+                               "remaining merge (a larger beta allows more merges within a model)")
         i, j = divmod(int(sim.argmax()), total)
         i, j = min(i, j), max(i, j)
         label_i, label_j = int(label[i]), int(label[j])

@@ -220,8 +220,8 @@ class ZippedClassifier(nn.Module):
         mean = torch.stack([h.mean() for h in heads])
         std = torch.stack([h.std(unbiased=False).clamp_min(1e-6) for h in heads])
         common = std.log().mean().exp()
-        log_scale = torch.zeros(len(heads), requires_grad=True)
-        shift = torch.zeros(len(heads), requires_grad=True)
+        log_scale = torch.zeros(len(heads), device=mean.device, requires_grad=True)
+        shift = torch.zeros(len(heads), device=mean.device, requires_grad=True)
 
         def information() -> torch.Tensor:
             scale = log_scale.exp() / std

@@ -28,7 +28,8 @@ class InvertedPool(ImageSource):
 
     def __init__(self, pool_size: int = 32768, inversion_steps: int = 40, inversion_batch: int = 512,
                  shapes: int = 3, scale: float = 1.5, class_weights: Optional[list[int]] = None,
-                 symmetric_classes: Optional[list[int]] = None, class_teachers: Optional[list[str]] = None):
+                 symmetric_classes: Optional[list[int]] = None, class_teachers: Optional[list[str]] = None,
+                 calibrate_teacher_heads: bool = False):
         """
         Args:
             pool_size: images in the pool the student trains on.
@@ -45,6 +46,9 @@ class InvertedPool(ImageSource):
                 then inverted through the teacher that knows it, with that teacher's BatchNorm
                 statistics, instead of through the (merged) teacher, whose statistics mix every
                 task's; the teacher still labels every image for the student.
+            calibrate_teacher_heads: a merged teacher (`python -m dafl zip`) refits its heads' logit
+                scales and shifts on the pool once it is built (`ZippedClassifier.calibrate_heads`:
+                no labels), instead of keeping those fitted on the merge images.
         """
         super().__init__()
         for name, value in (("pool_size", pool_size), ("inversion_steps", inversion_steps),
@@ -55,6 +59,7 @@ class InvertedPool(ImageSource):
         self.shapes, self.scale = shapes, scale
         self.class_weights, self.symmetric_classes = class_weights, symmetric_classes
         self.class_teacher_paths = class_teachers
+        self.calibrate_teacher_heads = calibrate_teacher_heads
         self.class_teachers: list[tuple[nn.Module, list[int]]] = []  # a plain list: not saved in checkpoints
         self.pool: Optional[torch.Tensor] = None
         self.validation_pool: Optional[torch.Tensor] = None
@@ -76,6 +81,9 @@ class InvertedPool(ImageSource):
         self.shapes_maker = ProceduralShapes(contract.adapter(), self.shapes, self.scale)
         if self.class_teacher_paths:
             self.class_teachers = load_class_teachers(self.class_teacher_paths, contract, num_classes)
+        if self.calibrate_teacher_heads and not hasattr(teacher, "calibrate_heads"):
+            raise ConfigError(f"InvertedPool calibrate_teacher_heads needs a merged teacher (python -m dafl zip), "
+                              f"not {type(teacher).__name__}")
 
     def prepare(self, show_progress: bool = False) -> None:
         if self.pool is None:
@@ -83,6 +91,12 @@ class InvertedPool(ImageSource):
                                      symmetric_classes=self.symmetric_classes)
             rank_zero_info(f"Inverted {self.pool_size} procedural images through the teacher "
                            f"({self.inversion_steps} steps each)")
+            if self.calibrate_teacher_heads:
+                # Calibration starts from the raw head logits, so a resumed run refits the same way.
+                with torch.inference_mode(False):
+                    fit = self.teacher[0].calibrate_heads(self.pool.split(self.inversion_batch))
+                rank_zero_info("Refitted the merged teacher's heads on the pool: information "
+                               f"{fit['information_before']:.3f} -> {fit['information_after']:.3f} nats")
 
     def sample(self, n: int) -> torch.Tensor:
         self.prepare()  # Lightning skips epoch-start hooks when a run resumes mid-epoch

@@ -264,7 +264,8 @@ def test_zip_writes_table_and_merged_teacher(run_cli, tmp_path):
         "teachers": [str(REPO / "checkpoints/fashion_mnist_lenet5_bn_classes0-4.safetensors"),
                      str(REPO / "checkpoints/fashion_mnist_lenet5_bn_classes5-9.safetensors")],
         "merge_images": 256, "generator": {"iterations": 3, "batch_size": 64},
-        "outputs": [{"source": "real", "method": "zipit", "depth": 2, "path": str(merged)}]}))
+        "outputs": [{"source": "real", "method": "zipit", "depth": 2, "path": str(merged)},
+                    {"source": "generator", "depth": "auto", "path": str(tmp_path / "auto.safetensors")}]}))
     result = run_cli("zip", "--config", config, "--out", tmp_path / "out")
     assert result.returncode == 0, result.stderr[-2000:]
     table = (tmp_path / "out" / "table.md").read_text()
@@ -278,6 +279,16 @@ def test_zip_writes_table_and_merged_teacher(run_cli, tmp_path):
     model, meta = load_classifier(merged)
     assert meta["arch"] == "zipit" and meta["num_classes"] == 10 and merged.with_suffix(".md").is_file()
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+    # depth auto: the ZipIt depth (ensemble = 0) whose merge kept the most information, no labels
+    import csv
+
+    table_rows = list(csv.DictReader((tmp_path / "out" / "table.csv").open()))
+    zipit_depths = {"ZipIt full": 4, "ZipIt partial, depth 3": 3, "ZipIt partial, depth 2": 2,
+                    "ZipIt partial, depth 1": 1, "ensemble": 0}
+    information = {zipit_depths[r["method"]]: float(r["information"]) for r in table_rows
+                   if r["source"] == "generator" and r["method"] in zipit_depths}
+    assert len(information) == 5
+    assert load_classifier(tmp_path / "auto.safetensors")[1]["depth"] == max(information, key=information.get)
 
 
 def test_zip_never_overwrites_without_being_asked(run_cli, tmp_path):

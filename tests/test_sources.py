@@ -308,6 +308,24 @@ def test_a_class_teacher_whose_class_list_does_not_match_its_outputs_is_refused(
         bound_pool([HALVES[0], str(tmp_path / "three.safetensors")], pool_size=8)
 
 
+def test_calibrate_teacher_heads_refits_the_merged_teachers_heads_on_the_pool():
+    pool, teacher = bound_pool(HALVES, pool_size=32, calibrate_teacher_heads=True)
+    before = teacher.head_scale.clone(), teacher.head_shift.clone()
+    pool.prepare()
+    after = teacher.head_scale.clone(), teacher.head_shift.clone()
+    assert not torch.equal(before[0], after[0]) and not torch.equal(before[1], after[1])
+    teacher.calibrate_heads(pool.pool.split(16))  # the same fit on the same images: the same heads
+    torch.testing.assert_close((teacher.head_scale, teacher.head_shift), after)
+
+
+def test_calibrate_teacher_heads_needs_a_merged_teacher(digits_teacher):
+    from dafl.weights import load_classifier
+
+    teacher, meta = load_classifier(digits_teacher[0])
+    with pytest.raises(ConfigError, match="calibrate_teacher_heads needs a merged teacher"):
+        InvertedPool(calibrate_teacher_heads=True).bind(teacher, InputContract.from_metadata(meta), 10, None)
+
+
 def test_the_pools_former_class_path_still_names_it():
     # configs and checkpoints written before the pool had its own module name it there
     import lightning_modules.sources as sources

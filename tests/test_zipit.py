@@ -6,7 +6,7 @@ import torch
 from dafl.models import build_model
 from dafl.errors import ConfigError
 from dafl.zipit import (build_zipped, feature_correlations, groups_to_matrices, merge_state, merge_tensor,
-                        permutation_match, reset_batchnorm, zip_match)
+                        permutation_match, reset_batchnorm, zip_match, MatchBlocked)
 from dafl.zipped import ZippedClassifier, max_depth, merge_spec
 
 # ResNet-18 is merged exactly too, in about two minutes on 2 CPU cores: `make test-slow`.
@@ -167,6 +167,15 @@ def test_alpha_zero_stops_a_group_from_meeting_its_members_models_again():
     # so A0-A1 (0.8) and B0-B1 (0.7) through it are gone and A1-B1 (0.5) follows.
     corr = _symmetric(4, {(0, 2): 0.9, (0, 1): 0.8, (2, 3): 0.7, (1, 3): 0.5})
     assert _groups(corr, 2, alpha=0.0, beta=0.0) == [[0, 2], [1, 3]]
+
+
+def test_three_models_can_block_every_merge_before_the_width_and_say_so():
+    # A0 A1 | B0 B1 | C0 C1. With alpha 0, A0-B0 (0.9), A1-C0 (0.8) and B1-C1 (0.7) merge; each
+    # group may then meet no feature of its members' models, and every pair of the three groups
+    # shares a model: three groups are left, one more than the width 2.
+    corr = _symmetric(6, {(0, 2): 0.9, (1, 4): 0.8, (3, 5): 0.7})
+    with pytest.raises(MatchBlocked, match="cannot reach 2 features"):
+        zip_match(corr, 3, alpha=0.0, beta=0.0)
 
 
 def test_same_index_tiebreak_is_an_option_for_exact_ties():
