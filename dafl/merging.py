@@ -21,7 +21,7 @@ import torch
 from dafl.contract import InputContract
 from dafl.datasets import dataset_info, load_split
 from dafl.errors import ConfigError, OneLineParser, read_yaml_mapping
-from dafl.weights import load_classifier, resolve, save_classifier
+from dafl.weights import known_classes, load_classifier, resolve, save_classifier
 from dafl.zipit import MatchBlocked, build_zipped, feature_correlations, reset_batchnorm
 from dafl.zipped import ZippedClassifier, max_depth
 
@@ -42,14 +42,7 @@ def load_teachers(paths: list[str]) -> tuple[list[torch.nn.Module], list[dict], 
             if meta.get(key) != first.get(key):
                 raise ConfigError(f"{path} has {key}={meta.get(key)}, {paths[0]} has {first.get(key)}: "
                                   "teachers must share architecture, input shape and dataset")
-    class_lists = [list(m.get("classes") or range(m["num_classes"])) for m in metas]
-    seen: dict[int, str] = {}
-    for path, classes in zip(paths, class_lists):
-        for c in classes:
-            if c in seen:
-                raise ConfigError(f"class {c} is in both {seen[c]} and {path}: teachers to merge must know "
-                                  "different classes")
-            seen[c] = path
+    class_lists = known_classes(paths, list(metas))
     for teacher in teachers:
         teacher.eval().requires_grad_(False)
     return list(teachers), list(metas), class_lists

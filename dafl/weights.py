@@ -197,3 +197,20 @@ def load_classifier(path: str | Path, arch: Optional[ArchSpec] = None, num_class
     if num_classes is not None and classes != num_classes:
         raise ConfigError(f"{path} returns {classes} logits, but {num_classes} classes were asked for")
     return network, {**meta, **shape, "num_classes": classes, "arch": spec_name(arch)}
+
+
+def known_classes(paths: list[str], metas: list[dict[str, Any]]) -> list[list[int]]:
+    """The classes each teacher knows (its `classes` metadata, written when it was trained on
+    a subset; else all of its outputs), every class known by one teacher only."""
+    class_lists, owner = [], {}
+    for path, meta in zip(paths, metas):
+        classes = [int(c) for c in (meta.get("classes") or range(meta["num_classes"]))]
+        if len(classes) != meta["num_classes"]:
+            raise ConfigError(f"{path} lists {len(classes)} classes but has {meta['num_classes']} outputs")
+        for c in classes:
+            if c in owner:
+                raise ConfigError(f"class {c} is known by both {owner[c]} and {path}: the teachers must know "
+                                  "different classes")
+            owner[c] = path
+        class_lists.append(classes)
+    return class_lists

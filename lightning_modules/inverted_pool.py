@@ -14,7 +14,7 @@ from dafl.contract import InputContract
 from dafl.errors import ConfigError
 from dafl.losses import BatchNormStatistics
 from dafl.procedural import ProceduralShapes, class_cycle, invert_toward_classes
-from dafl.weights import load_classifier, resolve
+from dafl.weights import known_classes, load_classifier, resolve
 from lightning_modules.sources import HELD_OUT_SEED, ImageSource, require_contract
 
 class InvertedPool(ImageSource):
@@ -160,25 +160,16 @@ def load_class_teachers(paths: list[str], contract: InputContract, num_classes: 
                         ) -> list[tuple[nn.Module, list[int]]]:
     """The class teachers of `InvertedPool`, frozen, with their classes (indices of the
     teacher's); every class known by exactly one, every one taking the teacher's inputs."""
-    teachers, owner = [], {}
-    for path in paths:
-        network, meta = load_classifier(resolve(path))
-        classes = [int(c) for c in (meta.get("classes") or range(meta["num_classes"]))]
-        if len(classes) != meta["num_classes"]:
-            raise ConfigError(f"class teacher {path} lists {len(classes)} classes but has "
-                              f"{meta['num_classes']} outputs")
+    networks, metas = zip(*(load_classifier(resolve(path)) for path in paths))
+    class_lists = known_classes(paths, list(metas))
+    for path, classes, meta in zip(paths, class_lists, metas):
         if any(not 0 <= c < num_classes for c in classes):
             raise ConfigError(f"class teacher {path} knows classes {classes}; the teacher has {num_classes}")
-        for c in classes:
-            if c in owner:
-                raise ConfigError(f"class {c} is known by both class teachers {owner[c]} and {path}")
-            owner[c] = path
         theirs = InputContract.from_metadata(meta)
         if theirs.missing() or theirs != contract:
             raise ConfigError(f"class teacher {path} takes {theirs}, the teacher {contract}: they must take the "
                               "same inputs")
-        teachers.append((network.eval().requires_grad_(False), classes))
-    unknown = sorted(set(range(num_classes)) - set(owner))
+    unknown = sorted(set(range(num_classes)) - {c for classes in class_lists for c in classes})
     if unknown:
         raise ConfigError(f"classes {unknown} are known by no class teacher: every class needs one")
-    return teachers
+    return [(network.eval().requires_grad_(False), classes) for network, classes in zip(networks, class_lists)]

@@ -214,7 +214,7 @@ def test_zip_refuses_overlapping_classes_before_merging(run_cli, tmp_path):
 
     half = str(REPO / "checkpoints" / "fashion_mnist_lenet5_bn_classes0-4.safetensors")
     (tmp_path / "z.yaml").write_text(f"teachers: [{half}, {half}]\n")
-    assert "in both" in one_line_error(run_cli("zip", "--config", tmp_path / "z.yaml", "--out", tmp_path / "o"))
+    assert "known by both" in one_line_error(run_cli("zip", "--config", tmp_path / "z.yaml", "--out", tmp_path / "o"))
 
 
 def test_compare_config_must_be_a_mapping(capsys, tmp_path):

@@ -71,3 +71,22 @@ def test_corrupt_files(tmp_path, content):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_classifier(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("metas, message", [
+    ([{"num_classes": 2, "classes": [0, 1]}, {"num_classes": 2, "classes": [1, 2]}], "class 1 is known by both a and b"),
+    ([{"num_classes": 2, "classes": [0, 1, 2]}], "a lists 3 classes but has 2 outputs"),
+])
+def test_teachers_class_lists_are_checked(metas, message):
+    from dafl.weights import known_classes
+
+    with pytest.raises(ConfigError, match=message):
+        known_classes(["a", "b"][:len(metas)], metas)
+
+
+def test_uneven_class_lists_are_read_from_metadata_or_outputs():
+    from dafl.weights import known_classes
+
+    metas = [{"num_classes": 4, "classes": [0, 1, 2, 3]}, {"num_classes": 3, "classes": [4, 5, 6]}]
+    assert known_classes(["a", "b"], metas) == [[0, 1, 2, 3], [4, 5, 6]]
+    assert known_classes(["all"], [{"num_classes": 3}]) == [[0, 1, 2]]  # no subset recorded: every output
