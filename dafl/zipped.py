@@ -156,6 +156,7 @@ class ZippedClassifier(nn.Module):
         if len(class_lists) < 2:
             raise ConfigError("merging needs at least two models")
         self.base_arch, self.class_lists, self.depth = base_arch, [list(c) for c in class_lists], depth
+        self._shape = {"in_channels": in_channels, "image_size": image_size}
         self.num_classes = num_classes or (max(max(c) for c in class_lists) + 1)
         make = lambda n: build_model(base_arch, in_channels=in_channels, num_classes=n, image_size=image_size)  # noqa
         probe = make(len(class_lists[0]))
@@ -198,6 +199,29 @@ class ZippedClassifier(nn.Module):
             total[:, classes] += logits * self.head_scale[k] + self.head_shift[k]
         total = total / self.placement.sum(0).clamp_min(1)
         return (total, torch.cat(features, 1)) if return_features else total
+
+    @torch.no_grad()
+    def single_network(self) -> nn.Module:
+        """A full merge (every block but the heads merged) as one network of the base
+        architecture whose one head gives every class: the same function in eval mode. Each
+        head reads its own features rebuilt from the merged ones (U^k), so its weight becomes
+        W_k U^k, then takes its calibration and its place among the classes."""
+        net = build_model(self.base_arch, num_classes=self.num_classes, **self._shape)
+        spec = merge_spec(net)
+        if self.depth != len(spec.blocks) - 1:
+            raise ConfigError(f"only a full ZipIt merge (depth {len(spec.blocks) - 1}) is one network; this one has "
+                              f"depth {self.depth}")
+        for block, merged in zip(spec.blocks, self.trunk):
+            block.load_state_dict(merged.state_dict())
+        head = [m for m in spec.blocks[-1].modules() if isinstance(m, nn.Linear)][-1]
+        count = self.placement.sum(0).clamp_min(1)[:, None]
+        head.weight.zero_()
+        head.bias.zero_()
+        for k, (tail, classes) in enumerate(zip(self.tails, self.class_lists)):
+            own = [m for m in tail[-1].modules() if isinstance(m, nn.Linear)][-1]
+            head.weight[classes] += own.weight @ self.unmerge[k] * self.head_scale[k] / count[classes]
+            head.bias[classes] += (own.bias * self.head_scale[k] + self.head_shift[k]) / count[classes, 0]
+        return net.eval()
 
     def set_unmerge(self, unmerge: torch.Tensor) -> None:
         """U (nC x C) of the cut space, split per model."""

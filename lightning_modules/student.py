@@ -38,6 +38,7 @@ class StudentDistillation(FrozenTeacherModule):
         dataset: Optional[str] = None,
         student_arch: Union[str, dict] = "lenet5_half",
         student_init: Literal["random", "zip_teacher"] = "random",
+        student_init_from: Optional[str] = None,
         batch_size: int = 256,
         student_steps: int = 10,
         kd_temperature: float = 1.0,
@@ -75,6 +76,9 @@ class StudentDistillation(FrozenTeacherModule):
             student_init: 'random' (the architecture's own initialisation) or 'zip_teacher' (the
                 teacher's weights, BatchNorm folded, zipped to the student's width on the source's
                 reference images; LeNet-5 teacher and student). Not redone when a run resumes.
+            student_init_from: weights file of the network 'zip_teacher' zips instead of the teacher,
+                e.g. a full ZipIt merge (`python -m dafl zip`, depth full) for a student that learns
+                from the ensemble of the same teachers.
             batch_size: images per student step (and per generator step).
             student_steps: student updates per iteration.
             kd_temperature: temperature of the KD loss.
@@ -121,8 +125,18 @@ class StudentDistillation(FrozenTeacherModule):
         if classes != shape["num_classes"]:
             raise ConfigError(f"the student {student_arch} returns {classes} logits but the teacher {shape['num_classes']}")
         self.source = source if source is not None else InvertedPool()
+        self.init_network = [self.teacher]  # a list: not a child module, not in checkpoints
+        if student_init_from is not None:
+            if student_init != "zip_teacher":
+                raise ConfigError("student_init_from is the network student_init 'zip_teacher' zips; set both")
+            network, _ = load_classifier(student_init_from)
+            network = network.single_network() if hasattr(network, "single_network") else network
+            if output_classes(network, shape["in_channels"], shape["image_size"], student_init_from) != classes:
+                raise ConfigError(f"student_init_from {student_init_from} does not give the teacher's "
+                                  f"{classes} classes")
+            self.init_network = [network.eval().requires_grad_(False)]
         if student_init == "zip_teacher":
-            check_zippable(self.teacher, self.student)
+            check_zippable(self.init_network[0], self.student)
             if not self.source.has_reference_images:
                 raise ConfigError(f"student_init 'zip_teacher' needs a source with reference images (InvertedPool, "
                                   f"RealImages), not {type(self.source).__name__}")
@@ -179,7 +193,7 @@ class StudentDistillation(FrozenTeacherModule):
             self._zip_teacher_into_student()
 
     def _zip_teacher_into_student(self):
-        zip_teacher_into_student(self.teacher, self.student, self.source.reference_images())
+        zip_teacher_into_student(self.init_network[0].to(self.device), self.student, self.source.reference_images())
         if self.trainer.world_size > 1:  # each rank zipped its own images: take rank 0's
             self.student.load_state_dict(self.trainer.strategy.broadcast(self.student.state_dict(), src=0))
         rank_zero_info("Student initialised from the teacher, zipped to its width on the source's images")

@@ -114,6 +114,55 @@ def test_fit_starts_the_student_from_the_zipped_teacher(digits_teacher):
         assert not torch.equal(random_start[key], value), key
 
 
+def full_merge_of_the_halves(path) -> None:
+    from dafl.weights import load_classifier, save_classifier
+    from dafl.zipit import build_zipped, feature_correlations
+    from dafl.zipped import max_depth
+
+    halves = [load_classifier(f"checkpoints/fashion_mnist_lenet5_bn_classes{c}.safetensors") for c in ("0-4", "5-9")]
+    (a, meta), (b, _) = halves
+    images = torch.rand(64, 1, 32, 32)
+    zipped = build_zipped([a, b], [list(range(5)), list(range(5, 10))], "lenet5_bn", max_depth(a), "zipit",
+                          feature_correlations([a, b], [images]))
+    save_classifier(path, zipped, {"arch": "zipit", "base_arch": "lenet5_bn", "depth": max_depth(a),
+                                   "class_lists": [list(range(5)), list(range(5, 10))], "num_classes": 10,
+                                   **{k: meta[k] for k in ("in_channels", "image_size", "native_size", "mean", "std")}})
+
+
+def test_student_init_from_zips_a_full_merge_into_the_student_of_the_ensemble(tmp_path):
+    import lightning as L
+
+    from dafl.weights import load_classifier
+
+    full_merge_of_the_halves(tmp_path / "full.safetensors")
+    L.seed_everything(0, verbose=False)
+    model = StudentDistillation(teacher="checkpoints/fashion_mnist_ensemble_lenet5_bn.safetensors",
+                                source=InvertedPool(pool_size=64, inversion_steps=2), batch_size=32, val_size=32,
+                                student_init="zip_teacher", student_init_from=str(tmp_path / "full.safetensors"))
+    first = {}
+
+    class FirstStep(L.Callback):
+        def on_train_batch_start(self, trainer, module, *args):
+            first.update({} if first else {k: v.clone() for k, v in module.student.state_dict().items()})
+
+    trainer = quiet_trainer(max_epochs=1, num_sanity_val_steps=0, callbacks=[FirstStep()])
+    trainer.fit(model, datamodule=DataFreeDataModule(None, iterations_per_epoch=1))
+    expected = build_model("lenet5_half", num_classes=10)
+    zip_teacher_into_student(load_classifier(tmp_path / "full.safetensors")[0].single_network(), expected,
+                             model.source.pool)
+    for key, value in expected.state_dict().items():
+        assert torch.equal(first[key], value), key
+
+
+def test_student_init_from_needs_zip_teacher_and_a_full_merge(tmp_path):
+    with pytest.raises(ConfigError, match="set both"):
+        StudentDistillation(student_init_from="checkpoints/fashion_mnist_lenet5_bn.safetensors")
+    with pytest.raises(ConfigError, match="only a full ZipIt merge"):
+        StudentDistillation(teacher="checkpoints/fashion_mnist_ensemble_lenet5_bn.safetensors",
+                            student_init="zip_teacher",
+                            student_init_from="checkpoints/fashion_mnist_ensemble_lenet5_bn.safetensors")
+
+
 DDP_SCRIPT = '''
 import sys, torch, lightning as L
 from dafl.data import DataFreeDataModule

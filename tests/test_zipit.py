@@ -270,3 +270,23 @@ def test_zipped_model_round_trips_through_safetensors(tmp_path):
     torch.testing.assert_close(loaded.eval()(x), zipped(x))
     logits, features = loaded(x, return_features=True)
     assert logits.shape == (len(x), 10) and features.shape[0] == len(x)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_full_merge_is_one_network_with_the_same_function(arch):
+    a, b, c = _model(arch, 0, 4), _model(arch, 1, 3), _model(arch, 2, 3)
+    x = _images(arch)
+    zipped = build_zipped([a, b, c], [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]], arch, max_depth(a), "zipit",
+                          feature_correlations([a, b, c], [x]), alpha=0.3, beta=1.0, in_channels=x.shape[1]).eval()
+    zipped.calibrate_heads([x], steps=5)  # heads of unequal scale and shift, as a real merge has
+    single = zipped.single_network()
+    assert type(single) is type(a) and not isinstance(single, ZippedClassifier)
+    torch.testing.assert_close(single(x), zipped(x), atol=1e-4, rtol=1e-4)
+
+
+def test_only_a_full_merge_is_one_network():
+    a, b = _model("lenet5_bn", 0), _model("lenet5_bn", 1)
+    zipped = build_zipped([a, b], [list(range(5)), list(range(5, 10))], "lenet5_bn", 0, "zipit",
+                          feature_correlations([a, b], [_images("lenet5_bn")]))
+    with pytest.raises(ConfigError, match="only a full ZipIt merge"):
+        zipped.single_network()
