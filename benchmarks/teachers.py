@@ -1,7 +1,8 @@
-"""Tables of the bring-your-own-teacher runs (benchmarks/teachers.md) and the merged-teacher
-runs (benchmarks/merged_teachers.md), from the records `accuracy.py run` writes.
+"""Tables of the bring-your-own-teacher runs (benchmarks/teachers.md: the default on every
+teacher, the fast presets' priors on the LeNet-5-BN teachers) and the merged-teacher runs
+(benchmarks/merged_teachers.md), from the records `accuracy.py run` writes.
 
-    python benchmarks/teachers.py    # prints both tables (markdown)
+    python benchmarks/teachers.py    # prints the three tables (markdown)
 
 A data-free row is `results/<row>/seed_*.json`; its KD-with-data row, where there is one, is
 `results/<row>_kd/`. The teacher's accuracy is the one each run measured on the real test set.
@@ -29,11 +30,19 @@ TEACHERS = {
                                       "configs/fashion_mnist/teacher_resnet8.yaml --model.arch timm/test_efficientnet"),
     "mnist5k_eighth_lenet5_bn": ("mnist-5k LeNet-5-BN, shipped", "configs/mnist5k/teacher_lenet5_bn.yaml"),
 }
+# row with fast.yaml's priors -> the same teacher's default row
+PRIORS = {f"eighth_fast_lenet5_bn_{t}": f"eighth_lenet5_bn_{t}" for t in ("shipped", "seed1", "seed2", "sgd")}
 MERGED = {
     "merged_eighth_ensemble": "calibrated ensemble of the two halves (shipped)",
     "merged_eighth_class_teachers": "the ensemble, each class inverted through its own half teacher (`class_teachers`)",
     "merged_eighth_zipit_d2": "ZipIt depth 2 (shipped)",
     "merged_eighth_zipit_d1": "ZipIt depth 1 (made by the same zip settings)",
+    "merged_eighth_calibrated_class_teachers": "the ensemble, `class_teachers` + `calibrate_teacher_heads`",
+    "merged_eighth_ensemble_zip_init": "the ensemble; the student starts as the full ZipIt merge (`student_init_from`)",
+    "merged_eighth_split433_ensemble": "4+3+3 split: calibrated ensemble of the three",
+    "merged_eighth_split433_zipit_d1": "4+3+3 split: ZipIt depth 1",
+    "merged_eighth_split433_calibrated_class_teachers": "4+3+3 split: the ensemble, `class_teachers` + "
+                                                        "`calibrate_teacher_heads`",
 }
 REFERENCE = "eighth_lenet5_bn_shipped"
 TOLERANCE = 2.0  # points of the shipped teacher's ratio a teacher may lose (issue 36)
@@ -79,6 +88,25 @@ def teachers_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def priors_table() -> str:
+    """fast.yaml's priors against the default on each LeNet-5-BN teacher, same budget: the gain
+    of paired means, and whether it is within 2 points of the shipped teacher's gain."""
+    def gain(row: str) -> float | None:
+        with_priors, default = accuracies(row), accuracies(PRIORS[row])
+        return statistics.mean(with_priors) - statistics.mean(default) if with_priors and default else None
+
+    reference = gain(f"eighth_fast_{REFERENCE.removeprefix('eighth_')}")
+    lines = ["| teacher | default, seeds 0-2 (%) | fast.yaml's priors, seeds 0-2 (%) | gain (points) | "
+             "general (gain >= shipped gain - 2) |", "|---|---|---|---|---|"]
+    for row, default_row in PRIORS.items():
+        change = gain(row)
+        verdict = "–" if change is None or reference is None else \
+            ("yes" if change >= reference - TOLERANCE else f"no ({change - reference:+.1f})")
+        lines.append(f"| {TEACHERS[default_row][0]} | {summary(accuracies(default_row))} | {summary(accuracies(row))} | "
+                     f"{'–' if change is None else f'{change:+.2f}'} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
 def merged_table() -> str:
     full = accuracies(REFERENCE)
     lines = ["| row | teacher | teacher 10-way (%) | student, seeds 0-2 (%) | vs the full teacher's student |",
@@ -94,4 +122,5 @@ def merged_table() -> str:
 
 if __name__ == "__main__":
     print(teachers_table())
+    print(priors_table())
     print(merged_table())

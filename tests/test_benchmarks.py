@@ -132,3 +132,13 @@ def test_teacher_table_holds_each_teacher_to_the_shipped_ratio_minus_two_points(
     assert verdicts["| ResNet-8 (CIFAR-style, registered `resnet8`)"] == "– |"  # not run: no verdict
     assert "76.00 ± 1.41 (75.00, 77.00)" in table
     assert "| 91.00 |" in table
+    # the fast presets' priors: +2 on the shipped teacher, -1 on seed 1 (3 below: not general), +1 on seed 2
+    for row, accs in {"eighth_fast_lenet5_bn_shipped": [0.77, 0.79], "eighth_fast_lenet5_bn_seed1": [0.72, 0.72],
+                      "eighth_fast_lenet5_bn_seed2": [0.71, 0.71]}.items():
+        for seed, acc in enumerate(accs):
+            write_record(tmp_path, row, seed, [(10.0, acc)])
+    priors = {line.split(" | ")[0]: line.split(" | ")[3:] for line in teachers.priors_table().splitlines()[2:]}
+    assert priors["| LeNet-5-BN, shipped (the presets' teacher)"] == ["+2.00", "yes |"]
+    assert priors["| LeNet-5-BN, seed 1"] == ["-1.00", "no (-3.0) |"]
+    assert priors["| LeNet-5-BN, seed 2"] == ["+1.00", "yes |"]
+    assert priors["| LeNet-5-BN, other recipe (SGD, no shift augmentation)"] == ["–", "– |"]
