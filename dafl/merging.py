@@ -183,17 +183,19 @@ def zip_main(argv: list[str]) -> None:
             rows.append({"source": source, "method": name, "information": zipped.information,
                          **evaluate(zipped, test_images, test_labels, class_lists)})
         print(f"{source} images: {len(images)} images and correlations in {prepared:.0f}s")
-    written = []
+    written, unwritten = [], []
     for spec in cfg["outputs"]:
         if spec.get("source", "generator") not in sources:
             print(f"Not written (its image source was not run): {spec}")
             continue
-        written.append(_write_output(spec, merged_models, teachers, metas, class_lists, info, out, depth_max, cfg,
-                                     test_images, test_labels))
-    blocked = [w for w in written if w.startswith("not written")]
-    _write_table(rows, out, opts, cfg, meta, class_lists, [w for w in written if w not in blocked])
-    if blocked:  # after the table, so the comparison is kept
-        raise ConfigError(f"output {blocked[0]}")
+        try:
+            written.append(_write_output(spec, merged_models, teachers, metas, class_lists, info, out, depth_max,
+                                         cfg, test_images, test_labels))
+        except MatchBlocked as blocked:
+            unwritten.append(f"output {spec} not written: {blocked}")
+    _write_table(rows, out, opts, cfg, meta, class_lists, written)
+    if unwritten:  # after the table, so the comparison is kept
+        raise ConfigError(unwritten[0])
 
 
 def _own_task_accuracy(teacher, images, labels, classes) -> float:
@@ -219,7 +221,7 @@ def _write_output(spec: dict, merged_models: dict, teachers, metas, class_lists,
         raise ConfigError(f"output {spec} was not computed (sources: {cfg['sources']})")
     zipped = merged_models[key]
     if isinstance(zipped, MatchBlocked):
-        return f"not written, {zipped}: {spec}"
+        raise zipped
     path = Path(spec.get("path") or out / f"merged_{key[0]}_{key[1]}_depth{key[2]}.safetensors")
     accuracy = evaluate(zipped, test_images, test_labels, class_lists)
     meta = metas[0]

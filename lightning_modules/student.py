@@ -196,7 +196,8 @@ class StudentDistillation(FrozenTeacherModule):
         zip_teacher_into_student(self.init_network[0].to(self.device), self.student, self.source.reference_images())
         if self.trainer.world_size > 1:  # each rank zipped its own images: take rank 0's
             self.student.load_state_dict(self.trainer.strategy.broadcast(self.student.state_dict(), src=0))
-        rank_zero_info("Student initialised from the teacher, zipped to its width on the source's images")
+        origin = self.hparams.student_init_from or "the teacher"
+        rank_zero_info(f"Student initialised from {origin}, zipped to its width on the source's images")
 
     def check_finite(self, losses: dict[str, torch.Tensor]):
         if self._batch_idx % self.hparams.finite_check_every:

@@ -291,6 +291,30 @@ def test_zip_writes_table_and_merged_teacher(run_cli, tmp_path):
     assert load_classifier(tmp_path / "auto.safetensors")[1]["depth"] == max(information, key=information.get)
 
 
+def test_zip_merges_three_teachers_of_uneven_class_lists_and_reports_blocked_merges(run_cli, tmp_path):
+    """Classes 0-3, 4-6, 7-9: at beta 0.125 ZipIt's rules block the full merge of three models
+    (a group inherits its members' blocked pairs): a row says so, the table and every other
+    merge are kept, and an output asking for the blocked merge is a one-line error."""
+    import yaml
+
+    teachers = [str(REPO / f"benchmarks/teachers/lenet5_bn_classes{c}.safetensors") for c in ("0-3", "4-6", "7-9")]
+    config = tmp_path / "zip.yaml"
+    config.write_text(yaml.safe_dump({
+        "teachers": teachers, "merge_images": 512, "sources": ["real"],
+        "outputs": [{"source": "real", "depth": 1, "path": str(tmp_path / "d1.safetensors")},
+                    {"source": "real", "depth": "full", "path": str(tmp_path / "full.safetensors")}]}))
+    line = one_line_error(run_cli("zip", "--config", config, "--out", tmp_path / "out"))
+    assert "not written" in line and "cannot reach" in line and not (tmp_path / "full.safetensors").exists()
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| real | ZipIt full (blocked by alpha/beta) | - | - | - | - | - |" in table
+    assert "| real | ZipIt partial, depth 1 |" in table and "task3 = classes [7, 8, 9]" in table
+    from dafl.weights import load_classifier
+
+    model, meta = load_classifier(tmp_path / "d1.safetensors")
+    assert meta["class_lists"] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+
+
 def test_zip_never_overwrites_without_being_asked(run_cli, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "table.md").write_text("earlier result")
