@@ -8,8 +8,8 @@ no real data is needed.
 
 Why: the student's own randomness (its initialisation and batches) decides much of where
 it ends, mostly on the classes the teacher separates finely; a start from the teacher's
-features removes the initialisation's part. It is a switch (`student_init`), not the
-default; measurements are in benchmarks/.
+features removes the initialisation's part. `student_init: auto` zips where the pair allows it
+and starts at random elsewhere; measurements are in benchmarks/.
 """
 from __future__ import annotations
 
@@ -40,20 +40,28 @@ def fold_batchnorm(net: LeNet5) -> LeNet5:
     return folded
 
 
-def check_zippable(teacher: nn.Module, student: nn.Module) -> None:
-    """A one-line ConfigError unless `zip_teacher_into_student` can make `student` from `teacher`."""
+def zip_refusal(teacher: nn.Module, student: nn.Module) -> str | None:
+    """Why `zip_teacher_into_student` cannot make `student` from `teacher` (one line), or None."""
     if not (isinstance(teacher, LeNet5) and isinstance(student, LeNet5)):
-        raise ConfigError("student_init 'zip_teacher' needs a LeNet-5 teacher and student "
-                          f"(got {type(teacher).__name__} and {type(student).__name__})")
+        return (f"student_init 'zip_teacher' needs a LeNet-5 teacher and student "
+                f"(got {type(teacher).__name__} and {type(student).__name__})")
     if any(isinstance(m, nn.BatchNorm2d) for m in student.modules()):
-        raise ConfigError("student_init 'zip_teacher' needs a student without BatchNorm (e.g. lenet5_half)")
+        return "student_init 'zip_teacher' needs a student without BatchNorm (e.g. lenet5_half)"
     teacher_widths, student_widths = merge_spec(teacher).channels, merge_spec(student).channels
     for space, width in student_widths.items():
         if width > teacher_widths[space]:
-            raise ConfigError(f"student_init 'zip_teacher': the student's {space} has {width} features, "
-                              f"more than the teacher's {teacher_widths[space]}")
+            return (f"student_init 'zip_teacher': the student's {space} has {width} features, "
+                    f"more than the teacher's {teacher_widths[space]}")
     if teacher.feature_dim // teacher_widths["conv3"] != student.feature_dim // student_widths["conv3"]:
-        raise ConfigError("student_init 'zip_teacher': teacher and student see different image sizes")
+        return "student_init 'zip_teacher': teacher and student see different image sizes"
+    return None
+
+
+def check_zippable(teacher: nn.Module, student: nn.Module) -> None:
+    """A one-line ConfigError unless `zip_teacher_into_student` can make `student` from `teacher`."""
+    refusal = zip_refusal(teacher, student)
+    if refusal:
+        raise ConfigError(refusal)
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from dafl.datasets import dataset_contract
 from dafl.errors import ConfigError
 from dafl.losses import kd_loss
 from dafl.models import build_network, output_classes, spec_name
-from dafl.student_init import check_zippable, zip_teacher_into_student
+from dafl.student_init import zip_refusal, zip_teacher_into_student
 from dafl.weights import load_classifier
 from lightning_modules.base import FrozenTeacherModule, check_memory, check_optimizer, student_schedulers
 from lightning_modules.inverted_pool import InvertedPool
@@ -37,7 +37,7 @@ class StudentDistillation(FrozenTeacherModule):
         teacher_input: Optional[dict] = None,
         dataset: Optional[str] = None,
         student_arch: Union[str, dict] = "lenet5_half",
-        student_init: Literal["random", "zip_teacher"] = "random",
+        student_init: Literal["random", "zip_teacher", "auto"] = "random",
         student_init_from: Optional[str] = None,
         batch_size: int = 256,
         student_steps: int = 10,
@@ -73,9 +73,11 @@ class StudentDistillation(FrozenTeacherModule):
                 data.eval_dataset).
             student_arch: the student's network: a registered name, `timm/NAME` or a class path, like
                 teacher_arch; it must return as many logits as the teacher.
-            student_init: 'random' (the architecture's own initialisation) or 'zip_teacher' (the
+            student_init: 'random' (the architecture's own initialisation), 'zip_teacher' (the
                 teacher's weights, BatchNorm folded, zipped to the student's width on the source's
-                reference images; LeNet-5 teacher and student). Not redone when a run resumes.
+                reference images; LeNet-5 teacher and student), or 'auto': 'zip_teacher' where the
+                pair and the source allow it, else 'random' (the log says which and why). Not
+                redone when a run resumes.
             student_init_from: weights file of the network 'zip_teacher' zips instead of the teacher,
                 e.g. a full ZipIt merge (`python -m dafl zip`, depth full) for a student that learns
                 from the ensemble of the same teachers.
@@ -135,11 +137,15 @@ class StudentDistillation(FrozenTeacherModule):
                 raise ConfigError(f"student_init_from {student_init_from} does not give the teacher's "
                                   f"{classes} classes")
             self.init_network = [network.eval().requires_grad_(False)]
-        if student_init == "zip_teacher":
-            check_zippable(self.init_network[0], self.student)
-            if not self.source.has_reference_images:
-                raise ConfigError(f"student_init 'zip_teacher' needs a source with reference images (InvertedPool, "
-                                  f"RealImages), not {type(self.source).__name__}")
+        refusal = zip_refusal(self.init_network[0], self.student)
+        if refusal is None and not self.source.has_reference_images:
+            refusal = (f"student_init 'zip_teacher' needs a source with reference images (InvertedPool, "
+                       f"RealImages), not {type(self.source).__name__}")
+        if student_init == "zip_teacher" and refusal:
+            raise ConfigError(refusal)
+        self.zips_student = student_init == "zip_teacher" or (student_init == "auto" and refusal is None)
+        if student_init == "auto" and refusal:
+            rank_zero_info(f"student_init auto starts the student at random: {refusal}")
         self.source.bind(self.teacher, self.contract, shape["num_classes"], self.student)
         # A training batch holds each image's activations too: about 64 images' worth for these networks.
         check_memory({"batch_size": (batch_size, 64), "val_size": (val_size, 1), **self.source.memory_needs()},
@@ -189,7 +195,7 @@ class StudentDistillation(FrozenTeacherModule):
         # start, so that its time counts as training time (benchmarks time epochs).
         trainer = self.trainer
         self.source.prepare(show_progress=trainer.progress_bar_callback is not None and trainer.is_global_zero)
-        if self.hparams.student_init == "zip_teacher" and self.global_step == 0 and self.current_epoch == 0:
+        if self.zips_student and self.global_step == 0 and self.current_epoch == 0:
             self._zip_teacher_into_student()
 
     def _zip_teacher_into_student(self):

@@ -10,6 +10,7 @@ from dafl.errors import ConfigError
 from dafl.models import build_model
 from dafl.student_init import check_zippable, fold_batchnorm, zip_teacher_into_student
 from lightning_modules.inverted_pool import InvertedPool
+from lightning_modules.sources import GaussianNoise
 from lightning_modules.student import StudentDistillation
 
 
@@ -89,11 +90,12 @@ def test_zip_teacher_needs_lenet5s(digits_teacher):
         StudentDistillation(teacher=str(digits_teacher[0]), student_arch="resnet18", student_init="zip_teacher")
 
 
-def test_fit_starts_the_student_from_the_zipped_teacher(digits_teacher):
+@pytest.mark.parametrize("student_init", ["zip_teacher", "auto"])
+def test_fit_starts_the_student_from_the_zipped_teacher(digits_teacher, student_init):
     import lightning as L
 
     settings = dict(teacher=str(digits_teacher[0]), source=InvertedPool(pool_size=128, inversion_steps=2),
-                    batch_size=32, val_size=64, student_init="zip_teacher")
+                    batch_size=32, val_size=64, student_init=student_init)
 
     class FirstStep(L.Callback):
         weights = None
@@ -112,6 +114,16 @@ def test_fit_starts_the_student_from_the_zipped_teacher(digits_teacher):
     for key, value in expected.state_dict().items():
         assert torch.equal(FirstStep.weights[key], value), key  # trained from the zip, not from the random init
         assert not torch.equal(random_start[key], value), key
+
+
+@pytest.mark.parametrize("student_arch, source", [("lenet5_half_bn", None), ("resnet8", None),
+                                                   ("lenet5_half", GaussianNoise())])
+def test_auto_starts_at_random_exactly_where_zip_teacher_refuses(digits_teacher, student_arch, source):
+    settings = dict(teacher=str(digits_teacher[0]), student_arch=student_arch, source=source)
+    with pytest.raises(ConfigError, match="zip_teacher"):
+        StudentDistillation(**settings, student_init="zip_teacher")
+    assert not StudentDistillation(**settings, student_init="auto").zips_student
+    assert StudentDistillation(teacher=str(digits_teacher[0]), student_init="auto").zips_student
 
 
 def full_merge_of_the_halves(path) -> None:
