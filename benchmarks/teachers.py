@@ -1,8 +1,9 @@
 """Tables of the bring-your-own-teacher runs (benchmarks/teachers.md: the default on every
-teacher, the fast presets' priors on the LeNet-5-BN teachers) and the merged-teacher runs
-(benchmarks/merged_teachers.md), from the records `accuracy.py run` writes.
+teacher, the fast presets' priors on the LeNet-5-BN teachers, one lever per teacher against
+the default) and the merged-teacher runs (benchmarks/merged_teachers.md), from the records
+`accuracy.py run` writes.
 
-    python benchmarks/teachers.py    # prints the three tables (markdown)
+    python benchmarks/teachers.py    # prints the four tables (markdown)
 
 A data-free row is `results/<row>/seed_*.json`; its KD-with-data row, where there is one, is
 `results/<row>_kd/`. The teacher's accuracy is the one each run measured on the real test set.
@@ -29,9 +30,20 @@ TEACHERS = {
     "eighth_timm_test_efficientnet": ("timm `test_efficientnet`, `in_chans=1`",
                                       "configs/fashion_mnist/teacher_resnet8.yaml --model.arch timm/test_efficientnet"),
     "mnist5k_eighth_lenet5_bn": ("mnist-5k LeNet-5-BN, shipped", "configs/mnist5k/teacher_lenet5_bn.yaml"),
+    "eighth_lenet5_nobn": ("LeNet-5 without BatchNorm, shipped", "configs/fashion_mnist/teacher_lenet5.yaml"),
 }
 # row with fast.yaml's priors -> the same teacher's default row
 PRIORS = {f"eighth_fast_lenet5_bn_{t}": f"eighth_lenet5_bn_{t}" for t in ("shipped", "seed1", "seed2", "sgd")}
+# row with a lever -> (the same teacher's default row, the lever's own KD-with-data row or None for
+# the default's, what the lever is)
+ZIPPED_START = "zipped start (`student_init: zip_teacher`)"
+LEVERS = {
+    **{f"eighth_zipinit_{t}": (f"eighth_lenet5_bn_{t}", None, ZIPPED_START) for t in ("shipped", "seed1", "seed2", "sgd")},
+    "eighth_zipinit_mnist5k": ("mnist5k_eighth_lenet5_bn", None, ZIPPED_START),
+    "eighth_zipinit_lenet5_nobn": ("eighth_lenet5_nobn", None, ZIPPED_START),
+    "eighth_resnet8_student_resnet8": ("eighth_resnet8", "eighth_resnet8_student_resnet8_kd",
+                                       "ResNet-8 student (KD with data: the same student)"),
+}
 MERGED = {
     "merged_eighth_ensemble": "calibrated ensemble of the two halves (shipped)",
     "merged_eighth_class_teachers": "the ensemble, each class inverted through its own half teacher (`class_teachers`)",
@@ -56,6 +68,10 @@ def accuracies(row: str) -> list[float]:
     return [100 * r["test_acc"] for r in records(row)]
 
 
+def by_seed(row: str) -> dict[int, float]:
+    return {r["seed"]: 100 * r["test_acc"] for r in records(row)}
+
+
 def summary(accs: list[float]) -> str:
     if not accs:
         return "not run"
@@ -70,8 +86,8 @@ def teacher_accuracy(row: str) -> str:
     return f"{100 * found[0]:.2f}" if found else "–"
 
 
-def ratio(row: str) -> float | None:
-    free, kd = accuracies(row), accuracies(row + "_kd")
+def ratio(row: str, kd_row: str | None = None) -> float | None:
+    free, kd = accuracies(row), accuracies(kd_row or row + "_kd")
     return 100 * statistics.mean(free) / statistics.mean(kd) if free and kd else None
 
 
@@ -107,6 +123,26 @@ def priors_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def levers_table() -> str:
+    """Each lever against the default on the same teacher: the mean gain over the seeds both
+    ran (paired), and whether the lever's data-free / KD passes the teachers table's rule."""
+    reference = ratio(REFERENCE)
+    lines = ["| teacher | lever | default (%) | with the lever (%) | gain, paired seeds (points) | KD with data (%) | "
+             "with the lever / KD | passes (>= shipped default ratio - 2) |", "|---|---|---|---|---|---|---|---|"]
+    for row, (default_row, kd_row, lever) in LEVERS.items():
+        kd_row = kd_row or default_row + "_kd"
+        mine, theirs = by_seed(row), by_seed(default_row)
+        pairs = sorted(set(mine) & set(theirs))
+        gain = (f"{statistics.mean(mine[s] - theirs[s] for s in pairs):+.2f} ({len(pairs)})" if pairs else "–")
+        share = ratio(row, kd_row)
+        verdict = "–" if share is None or reference is None else \
+            ("yes" if share >= reference - TOLERANCE else f"no ({share - reference:+.1f})")
+        lines.append(f"| {TEACHERS[default_row][0]} | {lever} | {summary(accuracies(default_row))} | "
+                     f"{summary(accuracies(row))} | {gain} | {summary(accuracies(kd_row))} | "
+                     f"{'–' if share is None else f'{share:.1f}%'} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
 def merged_table() -> str:
     full = accuracies(REFERENCE)
     lines = ["| row | teacher | teacher 10-way (%) | student, seeds 0-2 (%) | vs the full teacher's student |",
@@ -123,4 +159,5 @@ def merged_table() -> str:
 if __name__ == "__main__":
     print(teachers_table())
     print(priors_table())
+    print(levers_table())
     print(merged_table())

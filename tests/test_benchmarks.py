@@ -142,3 +142,14 @@ def test_teacher_table_holds_each_teacher_to_the_shipped_ratio_minus_two_points(
     assert priors["| LeNet-5-BN, seed 1"] == ["-1.00", "no (-3.0) |"]
     assert priors["| LeNet-5-BN, seed 2"] == ["+1.00", "yes |"]
     assert priors["| LeNet-5-BN, other recipe (SGD, no shift augmentation)"] == ["–", "– |"]
+    # a lever row: seeds 0 and 1 pair with the default's (+5 and +6); seed 2 has no default pair;
+    # 84/85 = 98.8% passes. The ResNet student's ratio uses its own KD row: 60/80 = 75% fails.
+    for seed, acc in enumerate([0.78, 0.79, 0.95]):
+        write_record(tmp_path, "eighth_zipinit_seed1", seed, [(10.0, acc)])
+    write_record(tmp_path, "eighth_resnet8", 0, [(10.0, 0.50)])
+    write_record(tmp_path, "eighth_resnet8_student_resnet8", 0, [(10.0, 0.60)])
+    write_record(tmp_path, "eighth_resnet8_student_resnet8_kd", 0, [(10.0, 0.80)])
+    levers = {line.split(" | ")[0]: line.split(" | ")[4:] for line in teachers.levers_table().splitlines()[2:]}
+    assert levers["| LeNet-5-BN, seed 1"] == ["+5.50 (2)", "85.00", "98.8%", "yes |"]
+    assert levers["| ResNet-8 (CIFAR-style, registered `resnet8`)"] == ["+10.00 (1)", "80.00", "75.0%", "no (-14.4) |"]
+    assert levers["| LeNet-5-BN, seed 2"][0] == "–"
