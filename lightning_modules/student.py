@@ -76,8 +76,8 @@ class StudentDistillation(FrozenTeacherModule):
             student_init: 'random' (the architecture's own initialisation), 'zip_teacher' (the
                 teacher's weights, BatchNorm folded, zipped to the student's width on the source's
                 reference images; LeNet-5 teacher and student), or 'auto': 'zip_teacher' where the
-                pair and the source allow it, else 'random' (the log says which and why). Not
-                redone when a run resumes.
+                pair and the source allow it and the teacher has BatchNorm, else 'random' (the log
+                says which and why). Not redone when a run resumes.
             student_init_from: weights file of the network 'zip_teacher' zips instead of the teacher,
                 e.g. a full ZipIt merge (`python -m dafl zip`, depth full) for a student that learns
                 from the ensemble of the same teachers.
@@ -143,6 +143,10 @@ class StudentDistillation(FrozenTeacherModule):
                        f"RealImages), not {type(self.source).__name__}")
         if student_init == "zip_teacher" and refusal:
             raise ConfigError(refusal)
+        if refusal is None and not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                       for m in self.init_network[0].modules()):
+            # 'auto' goes as far as the measurements (benchmarks/teachers.md): BatchNorm teachers
+            refusal = "the teacher has no BatchNorm layer"
         self.zips_student = student_init == "zip_teacher" or (student_init == "auto" and refusal is None)
         if student_init == "auto" and refusal:
             rank_zero_info(f"student_init auto starts the student at random: {refusal}")

@@ -1,5 +1,7 @@
 """dafl.student_init: a student made from the teacher's weights (BatchNorm folded, each layer
 zipped to the student's width), and StudentDistillation's `student_init: zip_teacher`."""
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -124,6 +126,12 @@ def test_auto_starts_at_random_exactly_where_zip_teacher_refuses(digits_teacher,
         StudentDistillation(**settings, student_init="zip_teacher")
     assert not StudentDistillation(**settings, student_init="auto").zips_student
     assert StudentDistillation(teacher=str(digits_teacher[0]), student_init="auto").zips_student
+
+
+def test_auto_starts_at_random_from_a_teacher_without_batchnorm():
+    teacher = str(Path(__file__).resolve().parent.parent / "checkpoints" / "fashion_mnist_lenet5.safetensors")
+    assert StudentDistillation(teacher=teacher, student_init="zip_teacher").zips_student  # the pair zips
+    assert not StudentDistillation(teacher=teacher, student_init="auto").zips_student
 
 
 def full_merge_of_the_halves(path) -> None:
