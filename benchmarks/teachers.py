@@ -93,7 +93,7 @@ def ratio(row: str, kd_row: str | None = None) -> float | None:
 
 def teachers_table() -> str:
     reference = ratio(REFERENCE)
-    lines = ["| teacher | trained by `python -m dafl fit --config` | teacher (%) | KD with data, seed 0 (%) | data-free, seeds 0-2 (%) | "
+    lines = ["| teacher | trained by `python -m dafl fit --config` | teacher (%) | KD with data, seed 0 (%) | data-free, random start, seeds 0-2 (%) | "
              "data-free / KD | passes (>= shipped ratio - 2) |", "|---|---|---|---|---|---|---|"]
     for row, (what, recipe) in TEACHERS.items():
         kd, share = accuracies(row + "_kd"), ratio(row)
@@ -127,7 +127,7 @@ def levers_table() -> str:
     """Each lever against the default on the same teacher: the mean gain over the seeds both
     ran (paired), and whether the lever's data-free / KD passes the teachers table's rule."""
     reference = ratio(REFERENCE)
-    lines = ["| teacher | lever | default (%) | with the lever (%) | gain, paired seeds (points) | KD with data (%) | "
+    lines = ["| teacher | lever | the default before round 4 (%) | with the lever (%) | gain, paired seeds (points) | KD with data (%) | "
              "with the lever / KD | passes (>= shipped default ratio - 2) |", "|---|---|---|---|---|---|---|---|"]
     for row, (default_row, kd_row, lever) in LEVERS.items():
         kd_row = kd_row or default_row + "_kd"

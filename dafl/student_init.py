@@ -8,8 +8,9 @@ no real data is needed.
 
 Why: the student's own randomness (its initialisation and batches) decides much of where
 it ends, mostly on the classes the teacher separates finely; a start from the teacher's
-features removes the initialisation's part. `student_init: auto` zips where the pair allows it
-and starts at random elsewhere; measurements are in benchmarks/.
+features removes the initialisation's part. The default, `student_init: auto`, zips where the
+pair allows it and the teacher has BatchNorm, and starts at random elsewhere; measurements are
+in benchmarks/.
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ class StudentDistillation(FrozenTeacherModule):
         teacher_input: Optional[dict] = None,
         dataset: Optional[str] = None,
         student_arch: Union[str, dict] = "lenet5_half",
-        student_init: Literal["random", "zip_teacher", "auto"] = "random",
+        student_init: Literal["random", "zip_teacher", "auto"] = "auto",
         student_init_from: Optional[str] = None,
         batch_size: int = 256,
         student_steps: int = 10,
@@ -75,7 +75,7 @@ class StudentDistillation(FrozenTeacherModule):
                 teacher_arch; it must return as many logits as the teacher.
             student_init: 'random' (the architecture's own initialisation), 'zip_teacher' (the
                 teacher's weights, BatchNorm folded, zipped to the student's width on the source's
-                reference images; LeNet-5 teacher and student), or 'auto': 'zip_teacher' where the
+                reference images; LeNet-5 teacher and student), or 'auto' (default): 'zip_teacher' where the
                 pair and the source allow it and the teacher has BatchNorm, else 'random' (the log
                 says which and why). Not redone when a run resumes.
             student_init_from: weights file of the network 'zip_teacher' zips instead of the teacher,
